@@ -1,0 +1,173 @@
+"""The contract between rewrite rules, mixers, stages and the student.
+
+A :class:`Mixer` stands where a teacher attention module stood. It is called by
+the unchanged teacher decoder block with the family's attention call contract
+(``hidden_states`` by keyword or positionally, a 4-D ``attention_mask``, the
+cache as ``past_key_values`` / ``layer_past`` / ``past_key_value``) and must
+return ``(output[b, L, d_model], None)``. Subclasses implement the pure pieces:
+
+* :meth:`Mixer.mix` -- the sequence mixer on ``u (b, L, d_model)``,
+* :meth:`Mixer.materialize` -- its mixing matrix ``(b, h, L, L)`` for stage 1,
+* :meth:`Mixer.matrix_parameters` -- what builds that matrix (trained in stage 1),
+* :meth:`Mixer.init_from_attention` -- weight transfer from :class:`AttentionWeights`,
+* :meth:`Mixer.weight_views` -- head-major views used to check transfers.
+
+Weights of the teacher attention reach a mixer in one common layout
+(:class:`AttentionWeights`), whatever the family's fused / transposed layout;
+the per-family adapters in ``rewrites/adapters`` produce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class MixerParams(BaseModel):
+    """Base of every mixer's parameter model (``replace[i].params``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MixerInit(BaseModel):
+    """Base of every mixer's initialisation options (``replace[i].init``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head geometry of one teacher attention node."""
+
+    d_model: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads (GQA groups); == n_heads without GQA
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head_of(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads."""
+        return head // self.group_size
+
+
+@dataclass
+class AttentionWeights:
+    """Teacher attention weights in one layout for all families (detached copies).
+
+    For input ``u (d_model,)`` and head ``h``: ``q_h = q[h] @ u + q_bias[h]``
+    (likewise k, v with key/value heads), and the output is
+    ``sum_h o[:, h, :] @ attn_h + o_bias``.
+    """
+
+    shape: AttentionShape
+    q: torch.Tensor  # (n_heads, head_dim, d_model)
+    k: torch.Tensor  # (n_kv_heads, head_dim, d_model)
+    v: torch.Tensor  # (n_kv_heads, head_dim, d_model)
+    o: torch.Tensor  # (d_model, n_heads, head_dim)
+    q_bias: torch.Tensor | None = None  # (n_heads, head_dim)
+    k_bias: torch.Tensor | None = None  # (n_kv_heads, head_dim)
+    v_bias: torch.Tensor | None = None  # (n_kv_heads, head_dim)
+    o_bias: torch.Tensor | None = None  # (d_model,)
+
+    def __post_init__(self) -> None:
+        s = self.shape
+        expected = {
+            "q": (s.n_heads, s.head_dim, s.d_model),
+            "k": (s.n_kv_heads, s.head_dim, s.d_model),
+            "v": (s.n_kv_heads, s.head_dim, s.d_model),
+            "o": (s.d_model, s.n_heads, s.head_dim),
+        }
+        for name, want in expected.items():
+            got = tuple(getattr(self, name).shape)
+            if got != want:
+                raise ValueError(f"AttentionWeights.{name} has shape {got}, expected {want}")
+
+
+class Mixer(nn.Module):
+    """A sequence mixer spliced in place of an attention module.
+
+    Subclasses set ``name``, ``params_model`` and ``init_model`` and implement
+    the abstract methods. ``layer_idx`` is the decoder layer index (the cache
+    slot); ``params`` must be fully resolved (no ``None`` left) so that the
+    student can be rebuilt from its config alone.
+    """
+
+    name: ClassVar[str] = ""
+    params_model: ClassVar[type[MixerParams]] = MixerParams
+    init_model: ClassVar[type[MixerInit]] = MixerInit
+
+    def __init__(self, d_model: int, params: MixerParams, layer_idx: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.params = params
+        self.layer_idx = layer_idx
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def resolve_params(cls, params: MixerParams, shape: AttentionShape) -> MixerParams:
+        """Fill teacher-dependent defaults (``None`` fields) from the attention's shape.
+
+        Raises ``ValueError`` naming the parameter when params and shape are incompatible.
+        """
+        return params
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, " + ", ".join(f"{k}={v}" for k, v in self.params.model_dump().items())
+
+    # ------------------------------------------------------------------ HF call contract
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """Attention call contract of every supported family -> ``(output, None)``."""
+        hidden_states = kwargs.pop("hidden_states", None)
+        if hidden_states is None:
+            hidden_states = args[0]
+        attention_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values") or kwargs.get("layer_past") or kwargs.get("past_key_value")
+        return self.mix_with_contract(hidden_states, attention_mask, cache), None
+
+    def mix_with_contract(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
+        """Turn the family's mask and cache into :meth:`mix` arguments (implemented with the cache)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ pure pieces
+
+    def mix(self, u: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """Mix ``u (b, L, d_model)``; ``mask (b, L)`` is True on real tokens. Returns ``(b, L, d_model)``."""
+        raise NotImplementedError
+
+    def materialize(self, u: torch.Tensor) -> torch.Tensor:
+        """Mixing matrix ``(b, h, L, L)``; rows are output positions, like attention probabilities."""
+        raise NotImplementedError
+
+    @property
+    def n_matrix_heads(self) -> int:
+        """Heads ``h`` of :meth:`materialize` (must equal the teacher's query heads for stage 1)."""
+        raise NotImplementedError
+
+    def matrix_parameters(self) -> list[nn.Parameter]:
+        """Parameters that build the mixing matrix (trained in stage 1)."""
+        raise NotImplementedError
+
+    def init_from_attention(self, weights: AttentionWeights | None, init: MixerInit) -> dict[str, str]:
+        """Initialise (and transfer weights where ``init`` asks). ``weights`` is None when nothing is transferred.
+
+        Returns a record ``{mixer tensor (or slice): teacher source}`` for the diff and the model card.
+        """
+        raise NotImplementedError
+
+    def weight_views(self) -> dict[str, torch.Tensor]:
+        """Head-major views of transferable weights, in :class:`AttentionWeights` layout.
+
+        Keys among ``"C"`` (like q), ``"B"`` (like k), ``"x"`` (like v): ``(heads, dim, d_model)``;
+        ``"out"`` (like o): ``(d_model, heads, head_dim)``.
+        """
+        raise NotImplementedError

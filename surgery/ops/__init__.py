@@ -1,0 +1,1 @@
+"""SSD kernels: plain-torch reference and the CUDA fast path."""

@@ -1,0 +1,109 @@
+"""Tiny randomly initialised decoders of every supported family (``random:<family>``).
+
+Used by tests, dry runs and ``recipes/tiny.yaml``: 4 layers, d_model 64,
+4 query heads and (where the family has grouped-query attention) 2 key/value
+heads, a 320-entry vocabulary matching :func:`surgery.tokenizers.byte_tokenizer`.
+Weights come from the family's own initialiser under a fixed per-family seed,
+so ``random:llama`` is the same model in every process.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+VOCAB_SIZE = 320  # 256 bytes + specials, padded to a multiple of 64
+N_LAYERS = 4
+D_MODEL = 64
+N_HEADS = 4
+N_KV_HEADS = 2
+FFN = 128
+MAX_POSITIONS = 2048
+
+_COMMON: dict[str, Any] = {"vocab_size": VOCAB_SIZE, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+_LLAMA_LIKE: dict[str, Any] = {
+    "hidden_size": D_MODEL,
+    "intermediate_size": FFN,
+    "num_hidden_layers": N_LAYERS,
+    "num_attention_heads": N_HEADS,
+    "num_key_value_heads": N_KV_HEADS,
+    "max_position_embeddings": MAX_POSITIONS,
+    "tie_word_embeddings": False,
+}
+
+# model_type -> config kwargs (AutoConfig.for_model(model_type, **kwargs))
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(_LLAMA_LIKE),
+    "qwen2": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=D_MODEL // N_HEADS),
+    "mistral": dict(_LLAMA_LIKE, sliding_window=None),
+    "gemma": dict(_LLAMA_LIKE, head_dim=D_MODEL // N_HEADS),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=D_MODEL // N_HEADS, sliding_window=16, layer_types=None),
+    "phi": {
+        "hidden_size": D_MODEL,
+        "intermediate_size": FFN,
+        "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": N_HEADS,
+        "num_key_value_heads": N_HEADS,
+        "partial_rotary_factor": 0.5,
+        "max_position_embeddings": MAX_POSITIONS,
+    },
+    "gpt_neox": {
+        "hidden_size": D_MODEL,
+        "intermediate_size": FFN,
+        "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": N_HEADS,
+        "rotary_pct": 0.5,
+        "max_position_embeddings": MAX_POSITIONS,
+        "use_parallel_residual": True,
+    },
+    "gpt2": {"n_embd": D_MODEL, "n_layer": N_LAYERS, "n_head": N_HEADS, "n_positions": MAX_POSITIONS, "n_inner": FFN},
+    "opt": {
+        "hidden_size": D_MODEL,
+        "ffn_dim": FFN,
+        "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": N_HEADS,
+        "max_position_embeddings": MAX_POSITIONS,
+        "word_embed_proj_dim": D_MODEL,
+        "enable_bias": True,
+    },
+}
+
+ALIASES = {"gemma3": "gemma3_text", "neox": "gpt_neox", "gptneox": "gpt_neox"}
+
+
+def family_names() -> list[str]:
+    """Names accepted after ``random:`` (aliases included)."""
+    return sorted(set(FAMILIES) | set(ALIASES))
+
+
+def canonical_family(name: str) -> str:
+    """``gemma3`` -> ``gemma3_text``; raises ``KeyError`` for unknown families."""
+    name = ALIASES.get(name, name)
+    if name not in FAMILIES:
+        raise KeyError(name)
+    return name
+
+
+def random_config(family: str, **overrides: Any) -> PretrainedConfig:
+    """Tiny config of ``family`` (see :data:`FAMILIES`), eager attention."""
+    model_type = canonical_family(family)
+    kwargs = {**_COMMON, **FAMILIES[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def random_model(family: str, seed: int | None = None, **overrides: Any) -> PreTrainedModel:
+    """A tiny random causal LM of ``family`` in eval mode, float32, deterministic per family and seed."""
+    config = random_config(family, **overrides)
+    if seed is None:
+        seed = zlib.crc32(canonical_family(family).encode())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()

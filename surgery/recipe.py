@@ -1,0 +1,520 @@
+"""The recipe format: one readable schema for everything ``surgery apply`` does.
+
+A recipe is YAML validated by the Pydantic models below (``extra="forbid"``
+everywhere, a description on every field). Loading supports one level of
+``base:`` inheritance (the base is deep-merged under the recipe; lists are
+replaced, not appended) and command-line overrides ``key.path=value`` whose
+values are parsed as YAML and typed by the schema. Every error names the field
+path and what was expected, and is raised as :class:`RecipeError` before
+anything is written.
+
+    recipe = Recipe.load("recipes/smollm2_mamba.yaml", overrides=["stages.stage3.lr=1e-4"])
+    print(recipe.to_yaml())
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError, suggest
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class StrictModel(BaseModel):
+    """Base for every recipe section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TeacherConfig(StrictModel):
+    """Which pretrained Transformer to start from."""
+
+    model: str = Field(
+        description=(
+            "Teacher reference: 'builtin:smollm2-135m' (the embedded SmolLM2-135M, offline), "
+            "'random:<family>' (tiny random model: llama, qwen2, qwen3, mistral, gemma, gemma3, phi, "
+            "gpt_neox, gpt2, opt), a local Hugging Face model directory, or a hub id "
+            "optionally pinned as 'org/name@revision'."
+        ),
+        min_length=1,
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit); overrides an '@rev' suffix in model."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Dtype to load the teacher in; 'auto' follows `precision`."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the hub repository to run. Off unless set explicitly."
+    )
+
+
+class DataSource(StrictModel):
+    """One text source; several are mixed by weight."""
+
+    source: str = Field(
+        description=(
+            "'builtin:python-stdlib' (the standard library's .py files), 'builtin:python-docs' "
+            "(pydoc_data English reference prose), a glob of local .txt/.jsonl files, or "
+            "'hf:<dataset>[/<config>]' for a Hugging Face dataset (needs network or a local cache)."
+        ),
+        min_length=1,
+    )
+    weight: float = Field(default=1.0, gt=0, description="Relative share of tokens drawn from this source.")
+    text_field: str = Field(default="text", description="Field holding the text in .jsonl files and datasets.")
+    split: str = Field(default="train", description="Dataset split for 'hf:' sources.")
+
+
+class DataConfig(StrictModel):
+    """Training and held-out text: tokenized with the teacher's tokenizer and packed."""
+
+    sources: list[DataSource] = Field(min_length=1, description="Text sources, mixed by weight.")
+    seq_len: int = Field(default=512, ge=8, le=1 << 20, description="Tokens per packed training sequence.")
+    heldout_fraction: float = Field(
+        default=0.05, gt=0, lt=0.5, description="Fraction of documents held out for evaluation (never trained on)."
+    )
+    seed: int | None = Field(default=None, description="Seed for document split and batch order; defaults to `seed`.")
+    max_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Stop tokenizing after this many tokens (default: enough for every stage budget plus evaluation).",
+    )
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value: Any) -> Any:
+        """Allow a bare string for a source: ``sources: [builtin:python-stdlib]``."""
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"source": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class Schedule(StrictModel):
+    """Warmup-stable-decay learning-rate schedule, in fractions of the stage's optimizer steps."""
+
+    warmup: float = Field(default=0.1, ge=0, le=1, description="Fraction of steps warming up linearly from 0.")
+    decay: float = Field(default=0.2, ge=0, le=1, description="Fraction of steps (at the end) decaying linearly.")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Learning rate at the end, relative to `lr`.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> Schedule:
+        if self.warmup + self.decay > 1:
+            raise ValueError(f"warmup + decay must be at most 1 (got {self.warmup} + {self.decay})")
+        return self
+
+
+class StageConfig(StrictModel):
+    """Options shared by the three MOHAWK stages."""
+
+    enabled: bool = Field(default=True, description="Run this stage.")
+    tokens: int = Field(default=65536, gt=0, description="Token budget: training stops after this many tokens.")
+    tokens_per_step: int = Field(
+        default=8192, gt=0, description="Tokens per optimizer step; reached by gradient accumulation."
+    )
+    micro_batch: int = Field(default=4, gt=0, description="Sequences per forward/backward pass.")
+    seq_len: int | None = Field(default=None, ge=8, description="Sequence length for this stage; default data.seq_len.")
+    lr: float = Field(default=1e-3, gt=0, le=10, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the global gradient norm to this; null: off.")
+    schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")
+    checkpoint_every: int = Field(
+        default=50, gt=0, description="Write a resumable checkpoint every this many optimizer steps."
+    )
+    log_every: int = Field(default=1, gt=0, description="Append to metrics.jsonl every this many optimizer steps.")
+
+
+class Stage1Config(StageConfig):
+    """Stage 1, matrix orientation: student mixing matrix vs teacher attention matrix, per node."""
+
+    tokens: int = Field(default=32768, gt=0, description="Token budget: training stops after this many tokens.")
+    lr: float = Field(default=1e-3, gt=0, le=10, description="Peak learning rate (AdamW).")
+
+
+class Stage2Config(StageConfig):
+    """Stage 2, hidden-state alignment: student vs teacher block output, per block."""
+
+    target: Literal["block", "mixer"] = Field(
+        default="block",
+        description="Align the whole block output ('block') or only the mixer output before the residual ('mixer').",
+    )
+
+
+class Stage3Config(StageConfig):
+    """Stage 3, knowledge distillation: student vs teacher logits, end to end."""
+
+    lr: float = Field(default=1e-4, gt=0, le=10, description="Peak learning rate (AdamW).")
+    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature for the KL term.")
+    kl_weight: float = Field(default=1.0, ge=0, description="Weight of KL(teacher || student).")
+    ce_weight: float = Field(default=0.0, ge=0, description="Weight of hard-label next-token cross-entropy.")
+    train: Literal["all", "mixers", "non_embedding"] = Field(
+        default="all", description="Which student parameters train: all, only replaced mixers, or all but embeddings/head."
+    )
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> Stage3Config:
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight are both 0: nothing to train on")
+        return self
+
+
+class Stages(StrictModel):
+    """The three MOHAWK stages, run in order; any subset may be enabled."""
+
+    stage1: Stage1Config = Field(default_factory=Stage1Config, description="Matrix orientation (per node).")
+    stage2: Stage2Config = Field(default_factory=Stage2Config, description="Hidden-state alignment (per block).")
+    stage3: Stage3Config = Field(default_factory=Stage3Config, description="Knowledge distillation (end to end).")
+
+
+class VerifyConfig(StrictModel):
+    """Held-out evaluation run before and after each stage."""
+
+    tokens: int = Field(default=8192, gt=0, description="Held-out tokens per evaluation.")
+    seq_len: int | None = Field(default=None, ge=8, description="Sequence length for evaluation; default data.seq_len.")
+    micro_batch: int = Field(default=4, gt=0, description="Sequences per evaluation forward pass.")
+    stage1_tokens: int | None = Field(
+        default=None, gt=0, description="Held-out tokens for the (quadratic) stage-1 metric; default: one micro-batch."
+    )
+
+
+class OutputConfig(StrictModel):
+    """Where and how the student is written."""
+
+    dir: str = Field(description="Output directory for the student; written atomically at the end of the run.")
+    overwrite: bool = Field(default=False, description="Replace an existing output directory.")
+    keep_checkpoints: bool = Field(default=False, description="Keep the run's checkpoints after success.")
+    shard_size: str = Field(
+        default="2GB", pattern=r"^\d+(\.\d+)?\s*[KMG]?B$", description="Shard model.safetensors above this size."
+    )
+
+
+_LAYER_SLICE = re.compile(r"^\s*-?\d*\s*(:\s*-?\d*\s*(:\s*-?\d+\s*)?)?$")
+
+
+class ReplaceRule(StrictModel):
+    """One rule: a selector (which attention nodes) and what to put there.
+
+    Selector fields compose (a node must satisfy all given). Rules apply in
+    order; a node takes the first rule that matches it.
+    """
+
+    modules: str | list[str] | None = Field(
+        default=None,
+        description=(
+            "Glob(s) over module paths: '*' is one path segment, '**' any number "
+            "(e.g. 'model.layers.*.self_attn'); a 're:' prefix makes it a full regex."
+        ),
+    )
+    layers: int | list[int] | str | None = Field(
+        default=None,
+        description="Layer indices: an int, a list ([0, 2, 5]) or a Python slice string ('0:24:2', '-4:').",
+    )
+    type: str | None = Field(
+        default=None,
+        description="Teacher module class name (e.g. 'LlamaAttention') or the alias 'attention' (the default).",
+    )
+    exclude: str | list[str] | None = Field(
+        default=None, description="Glob(s) or 're:' regexes of module paths to leave out."
+    )
+    mixer: str = Field(description="Rewrite rule to apply: 'discrete_mamba2', 'mamba2' or 'keep'.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Mixer parameters (see `surgery schema`).")
+    init: dict[str, Any] = Field(default_factory=dict, description="Initialisation / weight-transfer options.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_syntax(cls, value: Any) -> Any:
+        if isinstance(value, str) and not _LAYER_SLICE.match(value):
+            raise ValueError(f"{value!r} is not a layer slice; write e.g. '0:24:2', '-4:' or a list like [0, 2, 5]")
+        if isinstance(value, str) and re.search(r":\s*0\s*$", value) and value.count(":") == 2:
+            raise ValueError(f"layer slice {value!r} has step 0")
+        return value
+
+    @model_validator(mode="after")
+    def _rule_known(self) -> ReplaceRule:
+        from rewrites.registry import validate_rule_options
+
+        self.params, self.init = validate_rule_options(self.mixer, self.params, self.init)
+        return self
+
+
+class Recipe(StrictModel):
+    """A complete surgery job: teacher, data, what to replace, how to distil, where to write."""
+
+    name: str | None = Field(default=None, description="Short name for the run, used in reports.")
+    description: str | None = Field(default=None, description="Free text describing the recipe.")
+    teacher: TeacherConfig = Field(description="The pretrained Transformer to convert.")
+    data: DataConfig = Field(description="Training and evaluation text.")
+    replace: list[ReplaceRule] = Field(
+        default_factory=list, description="Ordered replace rules; empty means identity (nothing replaced)."
+    )
+    stages: Stages = Field(default_factory=Stages, description="The three MOHAWK stages.")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig, description="Held-out evaluation settings.")
+    output: OutputConfig = Field(description="Where the student goes.")
+    seed: int = Field(default=0, description="Global seed (data order, initialisation).")
+    device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="'auto' (CUDA if present), 'cpu', 'cuda[:N]'."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="'auto': bf16 autocast on CUDA, float32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _stage_shapes(self) -> Recipe:
+        for name in ("stage1", "stage2", "stage3"):
+            stage: StageConfig = getattr(self.stages, name)
+            seq_len = stage.seq_len or self.data.seq_len
+            per_pass = stage.micro_batch * seq_len
+            if stage.tokens_per_step % per_pass:
+                raise ValueError(
+                    f"stages.{name}.tokens_per_step ({stage.tokens_per_step}) must be a multiple of "
+                    f"micro_batch * seq_len ({stage.micro_batch} * {seq_len} = {per_pass})"
+                )
+            if stage.enabled and stage.tokens < stage.tokens_per_step:
+                raise ValueError(
+                    f"stages.{name}.tokens ({stage.tokens}) is less than one optimizer step "
+                    f"(tokens_per_step = {stage.tokens_per_step})"
+                )
+        return self
+
+    # ----------------------------------------------------------------- helpers
+
+    def stage(self, index: int) -> StageConfig:
+        """Stage config by number (1, 2, 3)."""
+        return getattr(self.stages, f"stage{index}")
+
+    def seq_len(self, index: int) -> int:
+        """Effective sequence length of stage ``index``."""
+        return self.stage(index).seq_len or self.data.seq_len
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed is None else self.data.seed
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (defaults filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Load a YAML recipe (with ``base:`` and ``key.path=value`` overrides) and validate it."""
+        return cls.from_dict(load_raw(path), overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+        """Validate a plain dict (after applying overrides)."""
+        raw = apply_overrides(raw, overrides or [])
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise RecipeError(format_validation_error(err, source)) from None
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """JSON Schema of the recipe format (printed by ``surgery schema``)."""
+        schema = cls.model_json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = "surgery recipe"
+        return schema
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty; it needs at least teacher, data and output")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (teacher:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``top`` over ``base``: mappings merge recursively, anything else is replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file and resolve its ``base:`` (one level, relative to the file)."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base_ref = data.pop("base", None)
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str):
+        raise RecipeError(f"{path}: base: must be a path to another recipe file, got {base_ref!r}")
+    base_path = (path.parent / base_ref).resolve()
+    base = _read_yaml(base_path)
+    if "base" in base:
+        raise RecipeError(
+            f"{path}: base recipe {base_ref} has its own base:; only one level of inheritance is supported"
+        )
+    return deep_merge(base, data)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_path(path: str) -> list[str]:
+    parts = path.split(".")
+    if not path or any(not p for p in parts):
+        raise RecipeError(f"override path {path!r} is malformed; write e.g. stages.stage1.lr=1e-3")
+    return parts
+
+
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    """The Pydantic model inside an annotation (``Model``, ``Model | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _field_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_path(parts: list[str]) -> None:
+    """Raise if ``parts`` is not a path the schema knows (free-form dicts accept any key)."""
+    model: type[BaseModel] | None = Recipe
+    walked: list[str] = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if model is None:
+            return  # inside a free-form dict (params:, init:)
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(walked) or "the recipe"
+            raise RecipeError(
+                f"override {'.'.join(parts)}: {where} has no field {part!r}{suggest(part, fields)}; "
+                f"fields there: {', '.join(fields)}"
+            )
+        annotation = fields[part].annotation
+        walked.append(part)
+        i += 1
+        origin = getattr(annotation, "__origin__", None)
+        if origin is list and i < len(parts):
+            if not parts[i].lstrip("-").isdigit():
+                raise RecipeError(
+                    f"override {'.'.join(parts)}: {'.'.join(walked)} is a list; index it with a number, "
+                    f"e.g. {'.'.join(walked)}.0.{parts[i]}"
+                )
+            walked.append(parts[i])
+            i += 1
+            annotation = annotation.__args__[0]
+        model = _field_model(annotation)
+        if model is None and i < len(parts) and origin is not dict and "dict" not in str(annotation):
+            raise RecipeError(f"override {'.'.join(parts)}: {'.'.join(walked)} is a value, not a section")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are YAML (``3``, ``true``, ``[0, 2]``, ``null``)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} has no '='; write key.path=value, e.g. stages.stage1.lr=1e-3")
+        path, _, text = item.partition("=")
+        parts = _parse_path(path.strip())
+        _check_path(parts)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node: Any = raw
+        for j, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                idx = int(part)
+                if not -len(node) <= idx < len(node):
+                    raise RecipeError(
+                        f"override {path}: {'.'.join(parts[:j])} has {len(node)} entries; index {idx} is out of range"
+                    )
+                node = node[idx]
+                continue
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = int(last)
+            if not -len(node) <= idx < len(node):
+                raise RecipeError(f"override {path}: index {idx} is out of range ({len(node)} entries)")
+            node[idx] = value
+        else:
+            node[last] = value
+    return raw
+
+
+# --------------------------------------------------------------------------- error formatting
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        if getattr(annotation, "__origin__", None) is list:
+            annotation = annotation.__args__[0]
+        model = _field_model(annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One readable message: each problem with its field path and what was expected."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = _loc(e["loc"])
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            known = _known_fields(e["loc"])
+            hint = suggest(key, known)
+            allowed = f"; allowed: {', '.join(known)}" if known else ""
+            lines.append(f"{loc}: unknown field{hint}{allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = e.get("input")
+            given = "" if isinstance(shown, (dict, list)) or shown is None else f" (got {shown!r})"
+            lines.append(f"{loc}: {msg}{given}")
+    head = f"{source}: invalid recipe" + (f" ({len(lines)} problems)" if len(lines) > 1 else "")
+    return head + "\n  " + "\n  ".join(lines)
