@@ -237,12 +237,20 @@ class ReplaceRule(StrictModel):
             raise ValueError(f"layer slice {value!r} has step 0")
         return value
 
-    @model_validator(mode="after")
-    def _rule_known(self) -> ReplaceRule:
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_known(cls, data: Any) -> Any:
+        """Check ``mixer`` against the rule registry and fill ``params``/``init`` defaults."""
+        if not isinstance(data, dict) or not isinstance(data.get("mixer"), str):
+            return data  # field validation reports the problem
         from rewrites.registry import validate_rule_options
 
-        self.params, self.init = validate_rule_options(self.mixer, self.params, self.init)
-        return self
+        params, init = data.get("params") or {}, data.get("init") or {}
+        if not isinstance(params, dict) or not isinstance(init, dict):
+            return data
+        data = dict(data)
+        data["params"], data["init"] = validate_rule_options(data["mixer"], params, init)
+        return data
 
 
 class Recipe(StrictModel):

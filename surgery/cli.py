@@ -1,0 +1,298 @@
+"""The ``surgery`` command: validate, schema, plan, diff, apply, verify, generate, eval.
+
+Every user-fixable problem is printed as one ``error:`` message without a
+traceback and exits with code 2 before anything is written; ``-v`` shows
+tracebacks. Overrides are ``key.path=value`` words after the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .errors import SurgeryError
+from .options import (
+    ApplyOptions,
+    DiffOptions,
+    EvalOptions,
+    GenerateOptions,
+    PlanOptions,
+    add_options,
+    options_from_args,
+)
+
+EXAMPLES: dict[str, str] = {
+    "validate": """
+        surgery validate recipes/*.yaml
+        surgery validate recipes/smollm2_mamba.yaml stages.stage3.lr=5e-5
+    """,
+    "schema": """
+        surgery schema > recipe.schema.json     # for editor completion / validation
+    """,
+    "plan": """
+        surgery plan recipes/smollm2_mamba.yaml
+        surgery plan recipes/tiny.yaml teacher.model=random:gpt2 --format json
+    """,
+    "diff": """
+        surgery diff recipes/tiny.yaml
+        surgery diff recipes/smollm2_mamba.yaml --format html -o diff.html
+    """,
+    "apply": """
+        surgery apply recipes/smollm2_mamba.yaml
+        surgery apply recipes/tiny.yaml teacher.model=random:phi --out runs/tiny-phi
+        surgery apply recipes/smollm2_mamba.yaml --resume        # after an interruption
+        surgery apply recipes/tiny.yaml stages.stage1.enabled=false   # stage ablation
+    """,
+    "verify": """
+        surgery verify runs/smollm2-mamba --tokens 4096
+    """,
+    "generate": """
+        surgery generate runs/smollm2-mamba "def fibonacci(n):" --max-new-tokens 64
+    """,
+    "eval": """
+        surgery eval builtin:smollm2-135m --data builtin:python-docs --tokens 4096
+        surgery eval runs/smollm2-mamba --data builtin:python-docs --tokens 4096
+    """,
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    "validate": "Check recipes against the schema (no model is loaded). Exits 2 on the first invalid recipe.",
+    "schema": "Print the JSON Schema of the recipe format.",
+    "plan": "Show which attention nodes each replace rule selects and the parameter counts, without training.",
+    "diff": "Show teacher vs student graphs: nodes replaced, edges changed, parameters, weight transfers.",
+    "apply": "Run the whole job: load the teacher, rewrite it, distil with the enabled MOHAWK stages, write the student.",
+    "verify": "Measure a student's alignment with its teacher: stage-1/2 distances, KL, perplexities, top-1 agreement.",
+    "generate": "Generate text with a student (or any model reference), streaming tokens as they come.",
+    "eval": "Held-out perplexity of a teacher reference or a student directory (same code path for both).",
+}
+
+
+def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate recipe paths from ``key.path=value`` overrides."""
+    paths = [w for w in words if "=" not in w]
+    overrides = [w for w in words if "=" in w]
+    return paths, overrides
+
+
+def _load_recipe(args: argparse.Namespace) -> Any:
+    from .recipe import Recipe
+
+    paths, overrides = _split_overrides(args.overrides)
+    if paths:
+        raise SurgeryError(f"expected key.path=value overrides after the recipe, got {paths[0]!r}")
+    return Recipe.load(args.recipe, overrides)
+
+
+def _write(text: str, output: str | None) -> None:
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    from .io import atomic_write_text
+
+    atomic_write_text(output, text)
+    print(f"wrote {output}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+
+    paths, overrides = _split_overrides(args.recipe)
+    if not paths:
+        raise SurgeryError("no recipe given; e.g. surgery validate recipes/*.yaml")
+    for path in paths:
+        recipe = Recipe.load(path, overrides)
+        stages = [str(i) for i in (1, 2, 3) if recipe.stage(i).enabled] or ["none"]
+        rules = ", ".join(r.mixer for r in recipe.replace) or "identity"
+        print(f"ok  {path}  teacher={recipe.teacher.model}  rules=[{rules}]  stages={','.join(stages)}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .recipe import Recipe
+
+    print(json.dumps(Recipe.json_schema(), indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .rewrite import plan
+    from .teacher import load_teacher_skeleton
+
+    recipe = _load_recipe(args)
+    opts = options_from_args(PlanOptions, args)
+    model, _ = load_teacher_skeleton(recipe.teacher)
+    result = plan(model, recipe.replace)
+    _write(json.dumps(result.to_dict(), indent=2) if opts.format == "json" else result.to_text(), None)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff
+    from .rewrite import rewrite
+    from .teacher import load_teacher_skeleton
+
+    recipe = _load_recipe(args)
+    opts = options_from_args(DiffOptions, args)
+    model, _ = load_teacher_skeleton(recipe.teacher)
+    student, result = rewrite(model, recipe.replace)
+    d = diff(model, student, result)
+    text = {"text": d.to_text, "json": lambda: json.dumps(d.to_dict(), indent=2), "html": d.to_html}[opts.format]()
+    _write(text, opts.output)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .pipeline import apply
+
+    recipe = _load_recipe(args)
+    opts = options_from_args(ApplyOptions, args)
+    out = apply(recipe, opts)
+    print(f"student written to {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from verify.report import verify_student
+
+    opts = options_from_args(EvalOptions, args)
+    report = verify_student(args.student, opts)
+    print(report)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_text
+
+    opts = options_from_args(GenerateOptions, args)
+    generate_text(args.model, args.prompt, opts)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_reference
+
+    opts = options_from_args(EvalOptions, args)
+    result = evaluate_reference(args.model, opts)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _subparser(sub: Any, name: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name,
+        help=DESCRIPTIONS[name],
+        description=DESCRIPTIONS[name],
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(EXAMPLES[name]).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+OVERRIDES_HELP = "override a recipe field, e.g. stages.stage1.lr=1e-3 (values are YAML: 3, true, [0, 2], null)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description=(
+            "Turn a pretrained Transformer into a state-space model by declarative model surgery.\n"
+            "A YAML recipe says which attention nodes to replace with which SSM mixer; surgery\n"
+            "rewrites the teacher, distils with the three MOHAWK stages and writes a student that\n"
+            "loads and generates like any Hugging Face causal LM."
+        ),
+        epilog=(
+            "start here:\n"
+            "  surgery validate recipes/*.yaml\n"
+            "  surgery plan recipes/smollm2_mamba.yaml\n"
+            "  surgery apply recipes/smollm2_mamba.yaml\n"
+            "run 'surgery COMMAND --help' for a command's options and examples."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"surgery {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info messages.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="More output; tracebacks on errors.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _subparser(sub, "validate", cmd_validate)
+    p.add_argument("recipe", nargs="+", metavar="RECIPE|KEY=VALUE", help="recipe files and overrides")
+
+    p = _subparser(sub, "schema", cmd_schema)
+    p.add_argument("--compact", action="store_true", help="One line of JSON.")
+
+    for name, handler, opts in (
+        ("plan", cmd_plan, PlanOptions),
+        ("diff", cmd_diff, DiffOptions),
+        ("apply", cmd_apply, ApplyOptions),
+    ):
+        p = _subparser(sub, name, handler)
+        p.add_argument("recipe", metavar="RECIPE", help="recipe file")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+        add_options(p, opts, short={"output": "-o"})
+
+    p = _subparser(sub, "verify", cmd_verify)
+    p.add_argument("student", metavar="STUDENT_DIR", help="a directory written by surgery apply")
+    add_options(p, EvalOptions)
+
+    p = _subparser(sub, "generate", cmd_generate)
+    p.add_argument("model", metavar="STUDENT_DIR|REF", help="a student directory or a teacher reference")
+    p.add_argument("prompt", help="the text to continue")
+    add_options(p, GenerateOptions)
+
+    p = _subparser(sub, "eval", cmd_eval)
+    p.add_argument("model", metavar="MODEL_DIR|REF", help="a student directory or a teacher reference")
+    add_options(p, EvalOptions)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``surgery`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .log import configure
+
+    configure(quiet=args.quiet, verbose=args.verbose)
+    try:
+        return args.handler(args)
+    except SurgeryError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except FileNotFoundError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; 'surgery apply ... --resume' continues an interrupted run", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,96 @@
+"""Command options, declared once as Pydantic models; the CLI derives its flags from them.
+
+Each field becomes ``--field-name`` with the field's description as help, its
+type as parser type (``bool`` -> a switch, ``Literal`` -> choices), and its
+default. The same models are what the Python API takes, so a flag and its
+Python keyword cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    """Base for command options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApplyOptions(Options):
+    """Options of ``surgery apply``."""
+
+    out: str | None = Field(default=None, description="Output directory (overrides output.dir in the recipe).")
+    resume: bool = Field(default=False, description="Continue an interrupted run from its last checkpoint.")
+    restart: bool = Field(default=False, description="Discard an interrupted run's checkpoints and start over.")
+    overwrite: bool = Field(default=False, description="Replace an existing output directory.")
+
+
+class DiffOptions(Options):
+    """Options of ``surgery diff``."""
+
+    format: Literal["text", "json", "html"] = Field(default="text", description="Output format.")
+    output: str | None = Field(default=None, description="Write to this file instead of standard output.")
+
+
+class PlanOptions(Options):
+    """Options of ``surgery plan``."""
+
+    format: Literal["text", "json"] = Field(default="text", description="Output format.")
+
+
+class EvalOptions(Options):
+    """Options of ``surgery eval`` and ``surgery verify``."""
+
+    data: str = Field(
+        default="builtin:python-docs",
+        description="Text to evaluate on: builtin:python-docs, builtin:python-stdlib, a file glob, or hf:<dataset>.",
+    )
+    tokens: int = Field(default=8192, gt=0, description="Held-out tokens to evaluate.")
+    seq_len: int = Field(default=512, ge=8, description="Sequence length.")
+    batch_size: int = Field(default=4, gt=0, description="Sequences per forward pass.")
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+
+
+class GenerateOptions(Options):
+    """Options of ``surgery generate``."""
+
+    max_new_tokens: int = Field(default=64, gt=0, description="Tokens to generate.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
+    seed: int = Field(default=0, description="Sampling seed.")
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[Options], short: dict[str, str] | None = None) -> None:
+    """Add one flag per field of ``model`` to ``parser``."""
+    short = short or {}
+    for name, field in model.model_fields.items():
+        flags = [_flag(name)] + ([short[name]] if name in short else [])
+        help_text = field.description or ""
+        annotation = field.annotation
+        origin = typing.get_origin(annotation)
+        if annotation is bool:
+            parser.add_argument(*flags, dest=name, action="store_true", help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "default": field.default}
+        if origin is Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        metavar = name.upper()
+        default = "" if field.default is None else f" (default: {field.default})"
+        parser.add_argument(*flags, metavar=metavar if "choices" not in kwargs else None, help=help_text + default, **kwargs)
+
+
+def options_from_args(model: type[Options], args: argparse.Namespace) -> Options:
+    """Build ``model`` from the parsed flags."""
+    return model(**{name: getattr(args, name) for name in model.model_fields})

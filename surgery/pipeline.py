@@ -1,0 +1,212 @@
+"""``surgery apply``: the whole job as one run (setup, measure, train the stages, save).
+
+Everything that can fail on bad input (recipe, teacher, selection, data) runs
+before anything is written. Work in progress lives beside the output in
+``<out>.partial/`` (checkpoint, metrics.jsonl); the student directory appears
+in one rename at the end. ``resume=True`` continues from the last checkpoint,
+mid-stage on the same data cursor, and reaches the same weights as an
+uninterrupted run (CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from verify.checkpoint import load_optimizer, load_student, read_state, save_checkpoint
+from verify.measure import Measurement, measure
+from verify.metrics import MetricsLog
+from verify.objective import Node, Objective, replaced_nodes
+from verify.plots import plot_losses, plot_per_layer
+from verify.report import build_report, report_markdown
+from verify.runner import StageRunner
+from verify.stage1_matrix import MatrixOrientation
+from verify.stage2_hidden import HiddenStateAlignment
+from verify.stage3_logits import Distillation
+
+from .errors import SurgeryError
+from .log import logger
+from .options import ApplyOptions
+from .recipe import Recipe
+from .runtime import resolve_device, seed_everything
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of everything that determines the result (not where it is written)."""
+    data = recipe.model_dump(mode="json")
+    data.pop("output", None)
+    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
+
+
+def make_objective(stage: int, recipe: Recipe, teacher: torch.nn.Module, student: torch.nn.Module,
+                   nodes: list[Node]) -> Objective:
+    """The objective a stage trains."""
+    if stage == 1:
+        return MatrixOrientation(teacher, student, nodes)
+    if stage == 2:
+        return HiddenStateAlignment(teacher, student, nodes, target=recipe.stages.stage2.target)
+    cfg = recipe.stages.stage3
+    return Distillation(teacher, student, nodes, temperature=cfg.temperature, kl_weight=cfg.kl_weight,
+                        ce_weight=cfg.ce_weight, train=cfg.train)
+
+
+def _dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    if recipe.teacher.dtype != "auto":
+        return getattr(torch, recipe.teacher.dtype)
+    return torch.float32  # master weights stay float32; bf16 comes from autocast
+
+
+class Run:
+    """One ``surgery apply`` run."""
+
+    def __init__(self, recipe: Recipe, options: ApplyOptions | None = None) -> None:
+        self.recipe = recipe
+        self.opts = options or ApplyOptions()
+        self.out = Path(self.opts.out or recipe.output.dir)
+        self.work = self.out.with_name(self.out.name + ".partial")
+        self.ckpt = self.work / "checkpoint"
+        self.overwrite = self.opts.overwrite or recipe.output.overwrite
+        self.fingerprint = recipe_fingerprint(recipe)
+
+    # ------------------------------------------------------------------ setup (writes nothing)
+
+    def check_paths(self) -> None:
+        if self.opts.resume and self.opts.restart:
+            raise SurgeryError("--resume and --restart exclude each other")
+        if self.out.exists() and not self.overwrite:
+            raise SurgeryError(f"output directory {self.out} already exists; pass --overwrite or choose --out DIR")
+        if self.work.exists() and not (self.opts.resume or self.opts.restart):
+            raise SurgeryError(
+                f"an interrupted run is in {self.work}; pass --resume to continue it or --restart to discard it"
+            )
+        if self.opts.resume and not (self.ckpt / "state.json").is_file():
+            raise SurgeryError(f"nothing to resume: no checkpoint in {self.work}; run without --resume")
+
+    def setup(self) -> None:
+        from .data import Corpus, heldout_batches, tokens_needed
+        from .rewrite import rewrite
+        from .teacher import load_teacher
+
+        self.check_paths()
+        r = self.recipe
+        self.device = resolve_device(r.device)
+        seed_everything(r.seed)
+        self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device))
+        self.student, self.plan = rewrite(self.teacher.model, r.replace)
+        self.nodes = replaced_nodes(self.student)
+        self.corpus = Corpus.build(r.data, self.teacher.tokenizer, seed=r.data_seed, max_tokens=tokens_needed(r),
+                                   progress=True)
+        self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
+                                       batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
+        s1_tokens = r.verify.stage1_tokens or r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)
+        self.stage1_batches = max(1, s1_tokens // (r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)))
+        if r.stage(1).enabled and self.nodes:
+            MatrixOrientation(self.teacher.model, self.student, self.nodes)  # head-count check, before writing
+
+    # ------------------------------------------------------------------ state
+
+    def _measure(self, name: str) -> Measurement:
+        return measure(self.teacher.model, self.student, self.nodes, self.heldout, stage1_batches=self.stage1_batches,
+                       device=self.device, precision=self.recipe.precision, desc=f"measure {name}")
+
+    def _save(self, *, stage: int | None, step: int = 0, stream: dict | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> None:
+        state = {"fingerprint": self.fingerprint, "completed": self.completed, "stage": stage, "step": step,
+                 "stream": stream, "trail": [(n, m.to_dict()) for n, m in self.trail], "stages": self.stage_info}
+        save_checkpoint(self.ckpt, self.student, state, optimizer)
+
+    def _restore(self) -> dict[str, Any]:
+        state = read_state(self.ckpt)
+        if state["fingerprint"] != self.fingerprint:
+            raise SurgeryError(
+                f"the recipe changed since the interrupted run in {self.work}; resume with the same recipe and "
+                "overrides, or pass --restart to discard it"
+            )
+        load_student(self.ckpt, self.student)
+        self.completed = list(state["completed"])
+        self.trail = [(n, Measurement(**m)) for n, m in state["trail"]]
+        self.stage_info = {int(k): v for k, v in state["stages"].items()}
+        return state
+
+    # ------------------------------------------------------------------ the job
+
+    def train(self) -> None:
+        from .data import BatchStream
+
+        r = self.recipe
+        if self.opts.restart and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.work / "metrics.jsonl", tensorboard_dir=self.work / "tensorboard")
+        self.completed: list[int] = []
+        self.trail: list[tuple[str, Measurement]] = []
+        self.stage_info: dict[int, dict[str, Any]] = {
+            s: {"enabled": r.stage(s).enabled, "tokens": r.stage(s).tokens if r.stage(s).enabled else 0}
+            for s in (1, 2, 3)
+        }
+        state: dict[str, Any] = {"stage": None}
+        if self.opts.resume:
+            state = self._restore()
+            if state["stage"]:  # mid-stage: steps after the checkpoint are logged again
+                self.log.truncate_after(state["stage"], state["step"])
+            else:  # at a stage boundary: a stage that had not checkpointed starts over
+                self.log.truncate_after(max(self.completed, default=0), 2**62)
+            logger.info(f"resuming from {self.ckpt} (stage {state['stage'] or 'boundary'}, step {state['step']})")
+        if not self.trail:
+            self.trail.append(("transfer", self._measure("transfer")))
+            self._save(stage=None)
+        for s in (1, 2, 3):
+            cfg = r.stage(s)
+            if not cfg.enabled or s in self.completed:
+                continue
+            if not self.nodes and s in (1, 2):
+                raise SurgeryError(f"stage {s} needs replaced nodes but the recipe replaces none; disable it")
+            seq_len = r.seq_len(s)
+            stream = BatchStream(self.corpus.train_tokens, seq_len=seq_len, batch_size=cfg.micro_batch,
+                                 seed=r.data_seed * 1009 + s)
+            runner = StageRunner(
+                s, cfg, make_objective(s, r, self.teacher.model, self.student, self.nodes), stream,
+                seq_len=seq_len, device=self.device, precision=r.precision, log=self.log,
+                save=lambda step, opt, s=s, stream=stream: self._save(stage=s, step=step,
+                                                                      stream=stream.state_dict(), optimizer=opt),
+            )
+            start = 0
+            if state.get("stage") == s:
+                stream.load_state_dict(state["stream"])
+                load_optimizer(self.ckpt, runner.optimizer)
+                start = state["step"]
+            summary = runner.run(start)
+            self.stage_info[s].update(summary)
+            self.trail.append((f"after_stage{s}", self._measure(f"after stage {s}")))
+            self.completed.append(s)
+            self._save(stage=None)
+            state = {"stage": None}
+        self.log.close()
+
+    def save(self) -> Path:
+        from .io import atomic_dir
+        from .student import save_student
+
+        report = build_report(teacher=self.teacher.ref, trail=self.trail, stages=self.stage_info, name=self.recipe.name)
+        with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
+            plots = [p for p in (plot_per_layer(report, tmp / "per_layer.png"),
+                                 plot_losses(self.log.read(), tmp / "losses.png")) if p is not None]
+            shutil.copy(self.work / "metrics.jsonl", tmp / "metrics.jsonl")
+            save_student(tmp, self.student, tokenizer=self.teacher.tokenizer, plan=self.plan, recipe=self.recipe,
+                         teacher=self.teacher, report=report,
+                         report_md=report_markdown(report, [p.name for p in plots]))
+        if not self.recipe.output.keep_checkpoints:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return self.out
+
+
+def apply(recipe: Recipe, options: ApplyOptions | None = None) -> Path:
+    """Run the whole job described by ``recipe``; returns the student directory."""
+    run = Run(recipe, options)
+    run.setup()
+    run.train()
+    return run.save()

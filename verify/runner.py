@@ -1,0 +1,150 @@
+"""The one stage runner: trains any :class:`~verify.objective.Objective`.
+
+Token budget -> optimizer steps; gradient accumulation to ``tokens_per_step``;
+AdamW with a warmup-stable-decay schedule; global-norm clipping; autocast per
+``precision``; a guard that stops on a non-finite loss or gradient before the
+weights change (the last checkpoint stays good); metrics to ``metrics.jsonl``;
+a progress bar with tokens/s. Checkpointing is delegated to a callback so the
+caller decides what else goes into the resumable state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from surgery.errors import TrainingError
+from surgery.log import progress
+from surgery.recipe import StageConfig
+from surgery.runtime import autocast
+
+from .metrics import MetricsLog
+from .objective import Objective
+from .schedule import wsd_factor
+
+
+class Batches(Protocol):
+    """A resumable stream of ``(batch, seq_len)`` token batches (``surgery.data.BatchStream``)."""
+
+    def next(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Steps and accumulation implied by a stage's token budget."""
+
+    steps: int
+    accumulation: int
+    tokens_per_step: int
+
+    @classmethod
+    def of(cls, cfg: StageConfig, seq_len: int) -> StagePlan:
+        per_pass = cfg.micro_batch * seq_len
+        return cls(steps=cfg.tokens // cfg.tokens_per_step, accumulation=cfg.tokens_per_step // per_pass,
+                   tokens_per_step=cfg.tokens_per_step)
+
+
+SaveFn = Callable[[int, torch.optim.Optimizer], None]
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: StageConfig) -> torch.optim.AdamW:
+    """AdamW; 1-D tensors (norms, biases, D, A_log) get no weight decay."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+class StageRunner:
+    """Train ``objective`` for one stage's budget."""
+
+    def __init__(
+        self,
+        stage: int,
+        cfg: StageConfig,
+        objective: Objective,
+        batches: Batches,
+        *,
+        seq_len: int,
+        device: torch.device,
+        precision: str,
+        log: MetricsLog,
+        save: SaveFn,
+    ) -> None:
+        self.stage, self.cfg, self.objective, self.batches = stage, cfg, objective, batches
+        self.device, self.precision, self.log, self.save = device, precision, log, save
+        self.plan = StagePlan.of(cfg, seq_len)
+        self.params = objective.freeze_others()
+        if not self.params:
+            raise TrainingError(f"stage {stage} has no trainable parameters (did the recipe replace any node?)")
+        self.optimizer = build_optimizer(self.params, cfg)
+
+    def lr_at(self, step: int) -> float:
+        s = self.cfg.schedule
+        return self.cfg.lr * wsd_factor(step, self.plan.steps, s.warmup, s.decay, s.min_lr_ratio)
+
+    def _fail(self, step: int, what: str, value: float) -> TrainingError:
+        lower = self.cfg.lr / 4
+        return TrainingError(
+            f"stage {self.stage} step {step + 1}: {what} is {value}; stopped before updating the weights. "
+            f"The last good checkpoint is kept: resume with a lower learning rate, e.g. "
+            f"'surgery apply RECIPE stages.stage{self.stage}.lr={lower:g} --resume'"
+        )
+
+    def _micro_steps(self, step: int) -> dict[str, float]:
+        """One optimizer step's worth of forward/backward; averaged metrics."""
+        sums: dict[str, float] = {}
+        scale = 1.0 / self.plan.accumulation
+        for _ in range(self.plan.accumulation):
+            batch = self.batches.next().to(self.device)
+            with autocast(self.precision, self.device):
+                metrics = self.objective.train_step(batch, scale)
+            if not math.isfinite(metrics["loss"]):
+                raise self._fail(step, "the loss", metrics["loss"])
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * scale
+        return sums
+
+    def run(self, start_step: int = 0) -> dict[str, Any]:
+        """Train from ``start_step`` to the end of the budget; returns a summary."""
+        torch_mode = self.objective.student.training
+        self.objective.student.eval()  # no dropout: distillation targets are deterministic
+        t0, tokens_done = time.perf_counter(), 0
+        bar = progress(total=self.plan.steps, initial=start_step, desc=f"stage {self.stage}", unit="step")
+        metrics: dict[str, float] = {}
+        try:
+            for step in range(start_step, self.plan.steps):
+                lr = self.lr_at(step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = self._micro_steps(step)
+                clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+                if not math.isfinite(grad_norm):
+                    raise self._fail(step, "the gradient norm", grad_norm)
+                self.optimizer.step()
+                tokens_done += self.plan.tokens_per_step
+                rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
+                done = step + 1
+                if done % self.cfg.log_every == 0 or done == self.plan.steps:
+                    self.log.write({"stage": self.stage, "step": done, "tokens": done * self.plan.tokens_per_step,
+                                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, **metrics})
+                if done % self.cfg.checkpoint_every == 0 and done < self.plan.steps:
+                    self.save(done, self.optimizer)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", tok_s=f"{rate:.0f}")
+        finally:
+            bar.close()
+            self.objective.student.train(torch_mode)
+            for p in self.objective.student.parameters():
+                p.requires_grad_(True)
+        seconds = time.perf_counter() - t0
+        return {"steps": self.plan.steps, "tokens": self.plan.steps * self.plan.tokens_per_step,
+                "seconds": seconds, "tokens_per_s": tokens_done / max(seconds, 1e-9),
+                "final_loss": metrics.get("loss")}
