@@ -8,7 +8,8 @@ Sources (``DataSource.source``):
 - ``builtin:python-docs``: ``pydoc_data.topics.topics`` (English reference prose),
   one document per topic.
 - a glob of local files (``**`` recursive): ``.jsonl`` gives one document per line
-  (field ``text_field``), any other file one document per file (UTF-8).
+  (field ``text_field``), any other file one document per file (UTF-8). Ids are
+  paths relative to the glob's fixed prefix, so a moved corpus keeps its split.
 - ``hf:<dataset>[/<config>]``: a Hugging Face dataset through ``datasets`` (needs the
   package and network or its local cache), one document per row.
 
@@ -17,6 +18,8 @@ document to held-out or training by a stable hash of (seed, source, document id)
 so the split never depends on the token budget and the two never overlap, tokenizes
 (EOS after every document) and stops once both budgets are met. Sources share the
 budget by weight; a source that runs dry leaves its share to the others.
+Tokenizing runs at roughly a million tokens a second on two cores, so nothing is
+cached on disk; batches are cut from the in-memory stream.
 
     corpus = Corpus.build(recipe.data, tokenizer, seed=recipe.data_seed, max_tokens=65536)
     stream = BatchStream(corpus.train, seq_len=512, batch_size=4, seed=recipe.data_seed)
@@ -82,6 +85,11 @@ class TextSource(ABC):
     def name(self) -> str:
         return self.spec.source
 
+    @property
+    def split_key(self) -> str:
+        """What, with the seed and document ids, decides document order and split (stable across machines)."""
+        return self.spec.source
+
     @abstractmethod
     def doc_ids(self) -> list[str]:
         """Every document id, in a fixed (sorted) order."""
@@ -137,7 +145,10 @@ class FilesSource(TextSource):
     def __init__(self, spec: DataSource) -> None:
         super().__init__(spec)
         pattern = os.path.expanduser(spec.source)
-        self.files = sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+        self.base = _glob_base(pattern)
+        found = sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+        # ids are paths relative to the glob's fixed prefix: moving the corpus keeps ids and split
+        self.files = sorted(Path(p).relative_to(self.base).as_posix() for p in found)
         self._plain = {p for p in self.files if not p.endswith(".jsonl")}
         self._lines: dict[str, dict[int, str]] = {}
         if not self.files:
@@ -145,6 +156,10 @@ class FilesSource(TextSource):
                 f"data source {spec.source!r} matches no files; give builtin:python-stdlib, builtin:python-docs, "
                 "hf:<dataset>, or a glob of existing .txt/.jsonl files (e.g. 'corpus/**/*.txt')"
             )
+
+    @property
+    def split_key(self) -> str:
+        return "files"
 
     def doc_ids(self) -> list[str]:
         ids: list[str] = []
@@ -158,9 +173,9 @@ class FilesSource(TextSource):
     def read(self, doc_id: str) -> str:
         if doc_id in self._plain:
             try:
-                return Path(doc_id).read_text(encoding="utf-8")
+                return (self.base / doc_id).read_text(encoding="utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{doc_id}: not UTF-8 text ({err.reason} at byte {err.start}); convert it or drop it from the glob") from None
+                raise DataError(f"{self.base / doc_id}: not UTF-8 text ({err.reason} at byte {err.start}); convert it or drop it from the glob") from None
         path, _, line = doc_id.rpartition(":")
         return self._jsonl(path)[int(line)]
 
@@ -169,22 +184,34 @@ class FilesSource(TextSource):
         if path in self._lines:
             return self._lines[path]
         texts = self._lines[path] = {}
-        with open(path, encoding="utf-8") as f:
+        full = self.base / path
+        with open(full, encoding="utf-8") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+                    raise DataError(f"{full}:{n}: not valid JSON ({err.msg}); each line must be one JSON object") from None
                 if not isinstance(record, dict) or self.spec.text_field not in record:
                     fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                     raise DataError(
-                        f"{path}:{n}: no field {self.spec.text_field!r} (found: {fields}); set text_field "
+                        f"{full}:{n}: no field {self.spec.text_field!r} (found: {fields}); set text_field "
                         "on this data source to the field holding the text"
                     )
                 texts[n] = str(record[self.spec.text_field])
         return texts
+
+
+def _glob_base(pattern: str) -> Path:
+    """The directory part of a glob before its first wildcard (``data/**/*.txt`` -> ``data``)."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if globlib.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
 
 
 class HFSource(TextSource):
@@ -275,7 +302,7 @@ class _Reader:
         ids = source.doc_ids()
         if not ids:
             raise DataError(f"data source {source.name!r} has no documents")
-        random.Random(_derive_seed("order", seed, source.name)).shuffle(ids)
+        random.Random(_derive_seed("order", seed, source.split_key)).shuffle(ids)
         self.order, self.next_doc = ids, 0
         self.sep = separator_id(tokenizer)
         splits = ("train", "heldout")
@@ -305,7 +332,7 @@ class _Reader:
             if not text.strip():
                 continue
             self.documents_read += 1
-            split = "heldout" if is_heldout(self.seed, self.source.name, doc_id, self.fraction) else "train"
+            split = "heldout" if is_heldout(self.seed, self.source.split_key, doc_id, self.fraction) else "train"
             tokens = ids + ([self.sep] if self.sep is not None else [])
             self.pending[split].append((doc_id, tokens))
             self.available[split] += len(tokens)

@@ -71,8 +71,8 @@ def test_split_does_not_depend_on_budget(tok, marked: str) -> None:
     # the budget only truncates: the small corpus is a prefix of the full one
     assert torch.equal(small.train, full.train[:2000]) and torch.equal(small.heldout, full.heldout[:500])
     for doc in full.heldout_docs:
-        source, _, doc_id = doc.partition("::")
-        assert is_heldout(3, source, doc_id, 0.2)
+        _, _, doc_id = doc.partition("::")
+        assert is_heldout(3, "files", doc_id, 0.2)
 
 
 def test_seed_changes_order_and_split(tok, marked: str) -> None:
@@ -310,3 +310,15 @@ def test_tokens_needed() -> None:
     assert tokens_needed(recipe) == 3584
     corpus = Corpus.for_recipe(recipe, byte_tokenizer())
     assert corpus.train.numel() == 3072 and corpus.heldout.numel() == 512
+
+
+def test_file_ids_are_relative_so_the_split_survives_a_move(tok, tmp_path: Path) -> None:
+    for where in ("one", "two"):
+        (tmp_path / where / "sub").mkdir(parents=True)
+        for i in range(40):
+            (tmp_path / where / "sub" / f"f{i}.txt").write_text(f"file {i} " * 10, encoding="utf-8")
+    cfg = lambda where: DataConfig(sources=[str(tmp_path / where / "**/*.txt")], seq_len=16, heldout_fraction=0.2)  # noqa: E731
+    a, b = Corpus.build(cfg("one"), tok, seed=0), Corpus.build(cfg("two"), tok, seed=0)
+    assert [d.split("::")[1] for d in a.heldout_docs] == [d.split("::")[1] for d in b.heldout_docs]
+    assert a.train_docs[0].split("::")[1].startswith("sub/")
+    assert torch.equal(a.train, b.train)

@@ -17,8 +17,13 @@ def batches() -> list[torch.Tensor]:
     return [torch.randint(4, 260, (2, 24), generator=gen) for _ in range(3)]  # (b, L) byte ids
 
 
-def test_perplexity_matches_hf_loss(batches: list[torch.Tensor]) -> None:
-    model = random_model("llama")
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return random_model("llama")
+
+
+def test_perplexity_matches_hf_loss(llama: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    model = llama
     losses = [model(input_ids=b, labels=b).loss.item() for b in batches]  # equal sizes: mean of means
     nll, count = mean_nll(model, batches)
     assert count == 3 * 2 * 23
@@ -31,8 +36,8 @@ def test_random_model_is_near_uniform(batches: list[torch.Tensor]) -> None:
     assert 100 < ppl < 1000  # vocabulary 320
 
 
-def test_top1_agreement(batches: list[torch.Tensor]) -> None:
-    a, b = random_model("llama"), random_model("llama", seed=1)
+def test_top1_agreement(llama: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    a, b = llama, random_model("llama", seed=1)
     assert top1_agreement(a, a, batches) == 1.0
     assert top1_agreement(a, b, batches) < 0.5
 
@@ -43,8 +48,8 @@ def test_training_mode_restored(batches: list[torch.Tensor]) -> None:
     assert model.training
 
 
-def test_english_perplexity_random_model() -> None:
+def test_english_perplexity_random_model(llama: torch.nn.Module) -> None:
     from surgery.tokenizers import byte_tokenizer
 
-    ppl = english_perplexity(random_model("llama"), byte_tokenizer(), tokens=256, seq_len=64)
+    ppl = english_perplexity(llama, byte_tokenizer(), tokens=256, seq_len=64)
     assert ppl > 100
