@@ -16,7 +16,8 @@ Sources (``DataSource.source``):
 :meth:`Corpus.build` walks each source's documents in a seeded order, routes every
 document to held-out or training by a stable hash of (seed, source, document id),
 so the split never depends on the token budget and the two never overlap, tokenizes
-(EOS after every document) and stops once both budgets are met. Sources share the
+(with the tokenizer's own specials, e.g. a BOS for Llama-3/Gemma, and EOS after
+every document) and stops once both budgets are met. Sources share the
 budget by weight; a source that runs dry leaves its share to the others.
 Tokenizing runs at roughly a million tokens a second on two cores, so nothing is
 cached on disk; batches are cut from the in-memory stream.
@@ -272,15 +273,19 @@ def open_source(spec: DataSource) -> TextSource:
 # --------------------------------------------------------------------------- tokenizing
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added, and text that spells a special token stays text."""
+def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text; text that spells a special token (``"</s>"``) stays text.
+
+    ``add_special_tokens=True`` adds what the tokenizer adds by default (e.g. Llama-3's
+    and Gemma's BOS; nothing for SmolLM2 or the byte tokenizer).
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (Python) tokenizer
-        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
     was = backend.encode_special_tokens
     backend.encode_special_tokens = True
     try:
-        return [enc.ids for enc in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [enc.ids for enc in backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
     finally:
         backend.encode_special_tokens = was
 
@@ -328,12 +333,12 @@ class _Reader:
         batch = self.order[self.next_doc : self.next_doc + _READ_BATCH]
         self.next_doc += len(batch)
         texts = [self.source.read(doc_id) for doc_id in batch]
-        for doc_id, text, ids in zip(batch, texts, encode_texts(self.tokenizer, texts)):
+        for doc_id, text, ids in zip(batch, texts, encode_texts(self.tokenizer, texts, add_special_tokens=True)):
             if not text.strip():
                 continue
             self.documents_read += 1
             split = "heldout" if is_heldout(self.seed, self.source.split_key, doc_id, self.fraction) else "train"
-            tokens = ids + ([self.sep] if self.sep is not None else [])
+            tokens = ids + ([self.sep] if self.sep is not None and ids[-1:] != [self.sep] else [])
             self.pending[split].append((doc_id, tokens))
             self.available[split] += len(tokens)
 
@@ -411,7 +416,7 @@ class Corpus:
             recipe.data,
             tokenizer,
             seed=recipe.data_seed,
-            max_tokens=recipe.data.max_tokens or train_tokens_needed(recipe),
+            max_tokens=recipe.data.max_tokens or max(train_tokens_needed(recipe), recipe.data.seq_len),
             heldout_tokens=heldout_tokens_needed(recipe),
             progress=progress,
         )

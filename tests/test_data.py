@@ -322,3 +322,15 @@ def test_file_ids_are_relative_so_the_split_survives_a_move(tok, tmp_path: Path)
     assert [d.split("::")[1] for d in a.heldout_docs] == [d.split("::")[1] for d in b.heldout_docs]
     assert a.train_docs[0].split("::")[1].startswith("sub/")
     assert torch.equal(a.train, b.train)
+
+
+def test_tokenizer_specials_kept_per_document(tmp_path: Path) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    tok = byte_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    cfg = DataConfig(sources=[_jsonl(tmp_path / "d.jsonl", ["abc", "de"] * 20)], seq_len=8, heldout_fraction=0.1)
+    corpus = Corpus.build(cfg, tok, seed=0)
+    n = len(corpus.train_docs)
+    assert int((corpus.train == 1).sum()) == n == int((corpus.train == 2).sum())
+    assert corpus.train[0] == 1 and corpus.train[-1] == 2
