@@ -46,7 +46,7 @@ def test_cached_reload_fast_and_identical(smollm2: Teacher, monkeypatch: pytest.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     again = load_teacher("builtin:smollm2-135m", progress=False, attn_implementation="eager")
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 15  # ~0.3-1 s on an idle 2-core machine; margin for busy CI
     assert again.model.config._attn_implementation == "eager"
     mine = again.model.state_dict()
     for name, value in smollm2.model.state_dict().items():
