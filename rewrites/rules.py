@@ -83,7 +83,13 @@ def build_mixer(mixer_cls: type[Mixer], view: AttentionView, params: Any, init: 
         mixer = mixer_cls(shape.d_model, p, view.layer)
     mixer = mixer.to(dtype=view.dtype) if view.dtype.is_floating_point else mixer
     weights = view.weights() if transfer_requested(mixer_cls, i) else None
-    record = mixer.init_from_attention(weights, i) or {}
+    try:
+        record = mixer.init_from_attention(weights, i) or {}
+    except (RuntimeError, NotImplementedError) as err:
+        if not view.meta:
+            raise
+        # an init that reads values (e.g. .item()) cannot run on meta; a plan still needs the node
+        return mixer, {"(meta)": f"transfer not evaluated on the meta device ({type(err).__name__})"}
     return mixer, name_sources(record, view)
 
 

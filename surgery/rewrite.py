@@ -288,3 +288,23 @@ def splice(model: nn.Module, nodes: list[dict[str, Any]]) -> nn.Module:
         set_module(model, path, mixer)
     _enable_cache(model)
     return model
+
+
+def check_splices(teacher: nn.Module, student: nn.Module, plan: Plan | None = None, *, atol: float = 1e-5) -> list[Any]:
+    """Run :func:`surgery.graph.check_splice` on every block with a replaced node (all blocks without a plan).
+
+    Returns the :class:`~surgery.graph.SpliceCheck` list; raises ``AssertionError``
+    naming the first block whose retargeted FX graph differs from the eager student.
+    """
+    from .graph import check_splice, trace_block
+
+    adapter = get_adapter(teacher)
+    layers = sorted({e.layer for e in plan.replaced}) if plan is not None else range(len(adapter.decoder_layers()))
+    checks = [check_splice(trace_block(teacher, i, adapter=adapter), student, atol=atol) for i in layers]
+    for c in checks:
+        if not c.ok:
+            raise AssertionError(
+                f"splice check failed at {c.path}: FX graph vs eager student differ by {c.student_max_abs_diff:.3g} "
+                f"(teacher trace vs eager: {c.teacher_max_abs_diff:.3g}; atol {c.atol})"
+            )
+    return checks

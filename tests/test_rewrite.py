@@ -126,3 +126,29 @@ def test_plan_text_alignment() -> None:
     assert lines[0].startswith("layer") and set(lines[1]) <= {"-", " "}
     assert "c_attn[:, 0:64].T" in lines[2]
     assert "(unchanged)" in lines[3]
+
+
+def test_check_splices_and_a_stale_trace() -> None:
+    from surgery.rewrite import check_splices
+
+    teacher = random_model("opt")
+    student, p = rewrite(teacher, [{"layers": "1:", "mixer": MIX}])
+    assert [c.layer for c in check_splices(teacher, student, p)] == [1, 2, 3]
+    # OPT's functional dropout is traced with training=False baked in: a student in
+    # training mode (dropout active) no longer matches the graph, and the check says so
+    student.config.dropout = 0.5
+    for layer in student.model.decoder.layers:
+        layer.dropout = 0.5
+    student.train()
+    with pytest.raises(AssertionError, match="splice check failed at model.decoder.layers.1"):
+        check_splices(teacher, student, p)
+
+
+def test_plan_survives_meta_unsafe_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    def value_reading_init(self, weights, init):  # noqa: ANN001, ANN202
+        float(self.C_proj.weight.detach().sum())  # reads a value: fails on meta
+        return {"C_proj.weight": "q"}
+
+    monkeypatch.setattr(placeholder_mixer.PlaceholderLinear, "init_from_attention", value_reading_init)
+    p = plan(random_model("llama"), [{"layers": 0, "mixer": MIX}])
+    assert "meta" in next(iter(p.replaced[0].transfer.values()))
