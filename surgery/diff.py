@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch
 from torch import nn
 
@@ -370,19 +369,3 @@ def diff(teacher: nn.Module, student: nn.Module, plan: Plan | None = None) -> Di
         teacher_graph=tg,
         student_graph=sg,
     )
-
-
-def block_view(graph: nx.DiGraph) -> nx.DiGraph:
-    """A block graph trimmed for drawing: unused inputs and dead outputs (attention weights) removed."""
-    g = graph.copy()
-    changed = True
-    while changed:
-        changed = False
-        for k in list(g):
-            kind = g.nodes[k].get("kind")
-            if kind == "output":
-                continue
-            if g.out_degree(k) == 0:
-                g.remove_node(k)
-                changed = True
-    return g

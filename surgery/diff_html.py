@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .diff import BlockDiff, group_changes, group_label, layer_ranges, relative_transfer
+from .diff import BlockDiff, group_label, layer_ranges, relative_transfer
 
 if TYPE_CHECKING:
     from .diff import Diff, NodeChange
@@ -272,56 +272,45 @@ def _abbrev(name: str) -> str:
     return ("".join(h[:1] for h in head) + "." if head else "") + last[:7]
 
 
-def _emb_label(path: str) -> str:
-    leaf = path.rsplit(".", 1)[-1]
-    return "positions" if leaf in ("wpe", "embed_positions") else "embed"
-
-
-def _strip(d: Diff, group_of: dict[int, int]) -> str:
-    """Every block as a small tile: embeddings -> blocks -> norm -> head."""
-    tile, gap, per_row = 46, 8, 22
+def _strip(d: Diff, group_of: dict[int, int], max_width: int = 1220) -> str:
+    """Every block as a small tile, flowing in rows: embeddings, blocks, final norm, head."""
+    tile, gap, side, row_h = 46, 8, 62, 58
     mg = d.student_graph
-    head_items = [("emb", p) for p in (mg.embeddings if mg else [])]
-    tail_items = [("norm", mg.final_norm), ("head", mg.head)] if mg else []
-    tail_items = [(k, p) for k, p in tail_items if p]
-    n = len(d.blocks)
-    rows = max(1, -(-n // per_row))
-    cols = min(n, per_row)
-    side = 74
-    width = side * len(head_items) + cols * (tile + gap) + side * len(tail_items) + 24
-    height = rows * (tile + gap + 14) + 10
-    out = [f'<svg class="strip" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" aria-label="blocks">']
-    x = 8
-    for kind, path in head_items:
-        out.append(
-            f'<g><title>{_e(path)}</title><rect x="{x}" y="8" width="{side - 12}" height="{tile}" rx="8" fill="#f1f5f9" '
-            f'stroke="#64748b"/><text x="{x + (side - 12) / 2}" y="{8 + tile / 2 + 4}" class="tile">{_e(_emb_label(path))}</text></g>'
-        )
-        x += side
-    x0 = x
-    for i, b in enumerate(d.blocks):
-        r, c = divmod(i, per_row)
-        bx, by = x0 + c * (tile + gap), 8 + r * (tile + gap + 14)
-        color = STATUS_COLOR[b.status]
-        fill = color if b.status == "replaced" else ("#dbeafe" if b.status == "kept" else "#f1f5f9")
-        text_color = "#fff" if b.status == "replaced" else "#0f172a"
-        tag = _abbrev(b.mixer or "") if b.status == "replaced" else ("attn" if b.status != "changed" else "Δ")
-        tip = f"{b.path}: {STATUS_TEXT[b.status]}" + (f" → {b.mixer}" if b.mixer else "") + f"\n{b.params_before:,} → {b.params_after:,} params"
-        out.append(
-            f'<a href="#group-{group_of.get(b.layer, 0)}"><g><title>{_e(tip)}</title>'
-            f'<rect x="{bx}" y="{by}" width="{tile}" height="{tile}" rx="8" fill="{fill}" stroke="{color}" stroke-width="1.5"/>'
-            f'<text x="{bx + tile / 2}" y="{by + 20}" class="tilenum" fill="{text_color}">{b.layer}</text>'
-            f'<text x="{bx + tile / 2}" y="{by + 35}" class="tiletag" fill="{text_color}">{_e(tag)}</text></g></a>'
-        )
-    x = x0 + cols * (tile + gap) + 4
-    for kind, path in tail_items:
-        out.append(
-            f'<g><title>{_e(path)}</title><rect x="{x}" y="8" width="{side - 12}" height="{tile}" rx="8" fill="#f1f5f9" '
-            f'stroke="#64748b"/><text x="{x + (side - 12) / 2}" y="{8 + tile / 2 + 4}" class="tile">{kind}</text></g>'
-        )
-        x += side
-    out.append("</svg>")
-    return "".join(out)
+    items: list[tuple[str, Any]] = [("part", ("positions" if p.rsplit(".", 1)[-1] in ("wpe", "embed_positions") else "embed", p)) for p in (mg.embeddings if mg else [])]
+    items += [("block", b) for b in d.blocks]
+    if mg is not None:
+        items += [("part", (name, p)) for name, p in (("norm", mg.final_norm), ("head", mg.head)) if p]
+    out: list[str] = []
+    x, y, width = 8.0, 8.0, 0.0
+    for kind, item in items:
+        w = tile if kind == "block" else side
+        if x + w > max_width:
+            x, y = 8.0, y + row_h
+        if kind == "part":
+            label, path = item
+            out.append(
+                f'<g><title>{_e(path)}</title><rect x="{x}" y="{y}" width="{w}" height="{tile}" rx="8" fill="#f1f5f9" '
+                f'stroke="#64748b"/><text x="{x + w / 2}" y="{y + tile / 2 + 4}" class="tile">{_e(label)}</text></g>'
+            )
+        else:
+            b = item
+            color = STATUS_COLOR[b.status]
+            fill = color if b.status == "replaced" else ("#dbeafe" if b.status == "kept" else "#f1f5f9")
+            text_color = "#fff" if b.status == "replaced" else "#0f172a"
+            tag = _abbrev(b.mixer or "") if b.status == "replaced" else ("attn" if b.status != "changed" else "Δ")
+            tip = f"{b.path}: {STATUS_TEXT[b.status]}" + (f" → {b.mixer}" if b.mixer else "")
+            tip += f"\n{b.params_before:,} → {b.params_after:,} params"
+            out.append(
+                f'<a href="#group-{group_of.get(b.layer, 0)}"><g><title>{_e(tip)}</title>'
+                f'<rect x="{x}" y="{y}" width="{w}" height="{tile}" rx="8" fill="{fill}" stroke="{color}" stroke-width="1.5"/>'
+                f'<text x="{x + w / 2}" y="{y + 20}" class="tilenum" fill="{text_color}">{b.layer}</text>'
+                f'<text x="{x + w / 2}" y="{y + 35}" class="tiletag" fill="{text_color}">{_e(tag)}</text></g></a>'
+            )
+        x += w + gap
+        width = max(width, x)
+    height = y + tile + 10
+    head = f'<svg class="strip" viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" role="img" aria-label="blocks">'
+    return head + "".join(out) + "</svg>"
 
 
 def _composition(mg: ModelGraph | None) -> dict[str, int]:

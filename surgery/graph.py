@@ -116,6 +116,11 @@ class BlockGraph:
     root: BlockWrapper = field(repr=False)
     keys: dict[fx.Node, str] = field(repr=False)
 
+    @property
+    def model(self) -> nn.Module:
+        """The model this block was traced from."""
+        return self.root._adapter.model
+
     # ------------------------------------------------------------------ names
 
     def full_path(self, qualname: str) -> str:
@@ -168,14 +173,24 @@ class BlockGraph:
 
     # ------------------------------------------------------------------ running
 
-    def retarget(self, modules: Mapping[str, nn.Module] | None = None, model: nn.Module | None = None) -> fx.GraphModule:
+    def retarget(
+        self,
+        modules: Mapping[str, nn.Module] | None = None,
+        model: nn.Module | None = None,
+        layer: nn.Module | None = None,
+    ) -> fx.GraphModule:
         """A GraphModule of this graph with call_module targets bound to other modules.
 
         ``modules`` maps model paths (``model.layers.3.self_attn``) to replacement
-        modules; other targets are looked up in ``model`` (e.g. the student) when
-        given, else in this block's own layer.
+        modules; other targets are looked up in ``model`` (a whole model, e.g. the
+        student) or ``layer`` (another decoder layer) when given, else in this
+        block's own layer.
         """
         modules = dict(modules or {})
+        holder: nn.Module = self.root
+        if layer is not None:
+            holder = nn.Module()
+            holder.layer = layer
         bound: dict[str, Any] = {}
         for n in self.graph.nodes:
             if n.op not in ("call_module", "get_attr"):
@@ -183,10 +198,10 @@ class BlockGraph:
             qual, full = str(n.target), self.full_path(str(n.target))
             if full in modules:
                 bound[qual] = modules[full]
-            elif model is not None:
+            elif model is not None and layer is None:
                 bound[qual] = model.get_submodule(full) if n.op == "call_module" else _get_attr(model, full)
             else:
-                bound[qual] = self.root.get_submodule(qual) if n.op == "call_module" else _get_attr(self.root, qual)
+                bound[qual] = holder.get_submodule(qual) if n.op == "call_module" else _get_attr(holder, qual)
         return fx.GraphModule(bound, _clone_graph(self.graph))
 
     def run(self, call: BlockCall, gm: fx.GraphModule | None = None) -> torch.Tensor:
@@ -438,11 +453,18 @@ def check_splice(
 ) -> SpliceCheck:
     """Check that the teacher's block graph, retargeted to ``student``'s modules, equals the eager student layer.
 
+    ``student`` is the student model or just its decoder layer for this block.
     Inputs: the mask / positions / RoPE tables the teacher model itself passes to
     this layer for random token ids, and random hidden states ``(b, L, d)``.
+    Also checks the trace itself (FX graph vs eager teacher layer).
     """
-    teacher = teacher_block.root._adapter.model
-    student_layer = get_adapter(student).decoder_layers()[teacher_block.layer][1]
+    teacher = teacher_block.model
+    try:  # a whole model ...
+        student_layer = student.get_submodule(teacher_block.path)
+        lookup: dict[str, nn.Module] = {"model": student}
+    except AttributeError:  # ... or one decoder layer
+        student_layer = student
+        lookup = {"layer": student}
     gen = torch.Generator().manual_seed(seed)
     vocab = int(getattr(teacher.config, "vocab_size", 256))
     ids = torch.randint(3, vocab, (batch, seq_len), generator=gen)
@@ -451,7 +473,7 @@ def check_splice(
     hidden = torch.randn(batch, seq_len, d, generator=gen).to(call.hidden_states)  # (b, L, d)
     call = call.with_hidden_states(hidden, student_layer)
     with torch.no_grad():
-        fx_student = teacher_block.run(call, teacher_block.retarget(model=student))
+        fx_student = teacher_block.run(call, teacher_block.retarget(**lookup))
         eager_student = call.eager(student_layer)
         fx_teacher = teacher_block.run(call)
         eager_teacher = call.eager(teacher_block.root.layer)

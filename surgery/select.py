@@ -236,7 +236,8 @@ def _explain_empty(c: _Compiled, views: list[AttentionView], claimed: dict[str, 
             if field == "modules":
                 near = _nearest(_as_list(c.rule.modules), paths)
                 return (
-                    f"{head}: modules {c.rule.modules!r} matches no attention module. "
+                    f"{head}: modules {c.rule.modules!r} matches no attention module (rules select attention "
+                    "nodes only). "
                     f"Nearest candidates: {', '.join(near)}. "
                     f"Attention modules look like {paths[0]} (layers 0..{len(paths) - 1})."
                 )
