@@ -12,8 +12,9 @@ A mixer rule's ``params``/``init`` models are the mixer's own. Its build:
 
 Whether ``init`` requests a transfer is asked of the mixer class
 (``wants_attention_weights(init) -> bool`` if it defines one); otherwise any
-``init`` option whose name mentions ``transfer`` / ``from_attention`` (or is one
-of ``q``/``k``/``v``/``o``) with a truthy value other than ``"none"`` counts.
+``init`` option named like a transfer (``q_to_C``, ``k_to_B``, ``transfer``,
+``from_attention``, ...; see :func:`transfer_fields`) with a truthy value other
+than ``"none"`` counts.
 """
 
 from __future__ import annotations
@@ -35,13 +36,22 @@ from .registry import RULES, register_rule
 _OFF = {"", "none", "no", "off", "false", "random", "default"}
 
 
+_TRANSFER_FIELD = re.compile(r"transfer|from_attention|^(q|k|v|o|qk|kv|qkv|qkvo)(_to_|_from|$)")
+
+
+def transfer_fields(init_model: type[MixerInit]) -> list[str]:
+    """Names of ``init`` options that request weight transfer (``q_to_C``, ``transfer``, ...)."""
+    return [name for name in init_model.model_fields if _TRANSFER_FIELD.search(name)]
+
+
 def transfer_requested(mixer_cls: type[Mixer], init: MixerInit) -> bool:
     """True when ``init`` asks to copy any teacher attention weight (see module docstring)."""
     ask = getattr(mixer_cls, "wants_attention_weights", None)
     if callable(ask):
         return bool(ask(init))
+    fields = set(transfer_fields(type(init)))
     for name, value in init.model_dump().items():
-        if not ("transfer" in name or "from_attention" in name or name in ("q", "k", "v", "o")):
+        if name not in fields:
             continue
         if isinstance(value, str):
             if value.strip().lower() not in _OFF:

@@ -4,19 +4,27 @@ Causal linear attention without normalisation, per head ``h``:
 ``y_t = sum_{s <= t} (C_t . B_s) x_s``, then ``out_proj``. Its C/B/x/out
 projections have the shapes of W_Q/W_K/W_V/W_O with query-head count, so
 weight transfer (Q->C, K->B, V->x, O->out, K/V expanded per GQA group) is exact
-and checkable through :meth:`weight_views`. Importing this module registers it
-as ``placeholder_linear`` and (re)registers the mixer rules.
+and checkable through :meth:`weight_views`.
+
+Importing this module registers nothing: :func:`registered` (or the
+``placeholder`` fixture pattern in the test modules) adds the mixer and its rule
+as ``placeholder_linear`` for one test and removes them afterwards, so other
+test modules that parametrise over ``MIXERS`` never see it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from surgery.mixers import MIXERS, register_mixer
+from rewrites.registry import RULES
+from rewrites.rules import register_mixer_rules
+from surgery.mixers import MIXERS
 from surgery.mixers.base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParams
 
 NAME = "placeholder_linear"
@@ -43,7 +51,8 @@ class PlaceholderLinear(Mixer):
     def __init__(self, d_model: int, params: PlaceholderParams, layer_idx: int) -> None:
         super().__init__(d_model, params, layer_idx)
         h, p, n = params.n_heads, params.head_dim, params.d_state
-        assert h and p and n, "params must be resolved"
+        if not (h and p and n):
+            raise ValueError(f"{NAME}: n_heads/head_dim/d_state is not set; resolve the params first")
         self.C_proj = nn.Linear(d_model, h * n, bias=False)
         self.B_proj = nn.Linear(d_model, h * n, bias=False)
         self.x_proj = nn.Linear(d_model, h * p, bias=False)
@@ -119,9 +128,17 @@ class PlaceholderLinear(Mixer):
         return record
 
 
-if NAME not in MIXERS:
-    register_mixer(NAME)(PlaceholderLinear)
-
-from rewrites.rules import register_mixer_rules  # noqa: E402
-
-register_mixer_rules()
+@contextmanager
+def registered() -> Iterator[str]:
+    """Register the placeholder mixer and its rule while the block runs; yields its name."""
+    added = NAME not in MIXERS
+    if added:
+        PlaceholderLinear.name = NAME
+        MIXERS[NAME] = PlaceholderLinear
+    register_mixer_rules()
+    try:
+        yield NAME
+    finally:
+        if added:
+            MIXERS.pop(NAME, None)
+            RULES.pop(NAME, None)

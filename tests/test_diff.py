@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import json
 import re
 
@@ -15,6 +17,13 @@ from surgery.random_models import FAMILIES, random_model
 from surgery.rewrite import rewrite
 
 torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
+
+
+@pytest.fixture(autouse=True)
+def _placeholder() -> Iterator[None]:
+    """The test mixer is registered for each test only (other modules parametrise over MIXERS)."""
+    with placeholder_mixer.registered():
+        yield
 
 MIX = placeholder_mixer.NAME
 

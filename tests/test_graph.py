@@ -96,13 +96,12 @@ def test_retarget_binds_new_module() -> None:
 def test_check_splice_with_a_student_layer() -> None:
     import copy
 
-    from surgery.mixers import MIXERS
-    import placeholder_mixer  # noqa: F401
+    from placeholder_mixer import PlaceholderLinear
 
     teacher = random_model("gpt_neox")
     block = trace_block(teacher, 3)
     layer = copy.deepcopy(teacher.gpt_neox.layers[3])
-    cls = MIXERS[placeholder_mixer.NAME]
-    layer.attention = cls(64, cls.params_model(n_heads=4, head_dim=16, d_state=8), 3).eval()
+    params = PlaceholderLinear.params_model(n_heads=4, head_dim=16, d_state=8)
+    layer.attention = PlaceholderLinear(64, params, 3).eval()
     check = check_splice(block, layer)
     assert check.ok and check.layer == 3

@@ -2,26 +2,35 @@
 
 Parametrised over ``surgery.mixers.MIXERS``, so the real mixers are covered as
 soon as they are registered. A mixer is asked for a full transfer through
-``FULL_TRANSFER_INIT`` (a class attribute, if it has one) or an ``init`` option
-whose name mentions ``transfer``/``from_attention``.
+``FULL_TRANSFER_INIT`` (a class attribute, if it has one) or by switching on
+every ``init`` option named like a transfer (``q_to_C``, ``transfer``, ...;
+:func:`rewrites.rules.transfer_fields`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-import placeholder_mixer  # noqa: F401  (registers the placeholder mixer)
+import placeholder_mixer
 from rewrites.adapters import get_adapter
-from rewrites.rules import transfer_requested
+from rewrites.rules import transfer_fields, transfer_requested
 from surgery.mixers import MIXERS, Mixer
 from surgery.random_models import FAMILIES, random_model
 from surgery.rewrite import rewrite
 
 torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
+
+
+@pytest.fixture(autouse=True)
+def _placeholder() -> Iterator[None]:
+    """The test mixer is registered for each test only (other modules parametrise over MIXERS)."""
+    with placeholder_mixer.registered():
+        yield
 
 SOURCE_OF = {"C": "q", "B": "k", "x": "v", "out": "o"}
 
@@ -31,18 +40,19 @@ def full_transfer_init(cls: type[Mixer]) -> dict[str, Any] | None:
     preset = getattr(cls, "FULL_TRANSFER_INIT", None)
     if preset is not None:
         return dict(preset)
-    candidates: list[Any] = [["q", "k", "v", "o"], True, "qkvo", "all", {"C": "q", "B": "k", "x": "v", "out": "o"}]
-    for name in cls.init_model.model_fields:
-        if "transfer" not in name and "from_attention" not in name:
-            continue
+    candidates: list[Any] = [True, ["q", "k", "v", "o"], "qkvo", "all", {"C": "q", "B": "k", "x": "v", "out": "o"}]
+    init: dict[str, Any] = {}
+    for name in transfer_fields(cls.init_model):
         for value in candidates:
             try:
-                init = cls.init_model.model_validate({name: value})
+                cls.init_model.model_validate({**init, name: value})
             except ValidationError:
                 continue
-            if transfer_requested(cls, init):
-                return {name: value}
-    return None
+            init[name] = value
+            break
+    if not init or not transfer_requested(cls, cls.init_model.model_validate(init)):
+        return None
+    return init
 
 
 def _expected_head(h: int, heads_view: int, heads_teacher: int) -> int:
@@ -50,7 +60,7 @@ def _expected_head(h: int, heads_view: int, heads_teacher: int) -> int:
     return h * heads_teacher // heads_view
 
 
-@pytest.mark.parametrize("mixer", sorted(MIXERS))
+@pytest.mark.parametrize("mixer", sorted(set(MIXERS) | {placeholder_mixer.NAME}))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_transfer_slices_equal_teacher_heads(mixer: str, family: str) -> None:
     cls = MIXERS[mixer]

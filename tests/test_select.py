@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import re
 
 import pytest
 import torch
 
-import placeholder_mixer  # noqa: F401  (registers the test mixer + its rule)
+import placeholder_mixer
 from surgery.errors import RecipeError, SelectionError
 from surgery.random_models import random_model
 from surgery.recipe import ReplaceRule
 from surgery.select import glob_to_regex, parse_layers, preview, select
 
 torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
+
+
+@pytest.fixture(autouse=True)
+def _placeholder() -> Iterator[None]:
+    """The test mixer is registered for each test only (other modules parametrise over MIXERS)."""
+    with placeholder_mixer.registered():
+        yield
 
 MIX = placeholder_mixer.NAME
 
