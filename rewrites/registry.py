@@ -55,7 +55,14 @@ def register_rule(
     return decorate
 
 
+_builtins_loaded = False
+
+
 def _load_builtin_rules() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
     import importlib
 
     try:
@@ -69,8 +76,7 @@ def get_rule(name: str) -> RuleSpec:
     """The rule registered as ``name``; ``KeyError`` naming the known rules otherwise."""
     from surgery.errors import suggest
 
-    if not RULES:
-        _load_builtin_rules()
+    _load_builtin_rules()
     if name not in RULES:
         raise KeyError(f"unknown mixer {name!r}{suggest(name, RULES)}; known: {', '.join(sorted(RULES)) or 'none'}")
     return RULES[name]

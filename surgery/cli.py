@@ -123,7 +123,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .rewrite import plan
+    from .rewriter import plan
     from .teacher import load_teacher_skeleton
 
     recipe = _load_recipe(args)
@@ -135,8 +135,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import diff
-    from .rewrite import rewrite
+    from .graph_diff import diff
+    from .rewriter import rewrite
     from .teacher import load_teacher_skeleton
 
     recipe = _load_recipe(args)

@@ -1,4 +1,4 @@
-"""HTML rendering of a :class:`~surgery.diff.Diff`: one self-contained page.
+"""HTML rendering of a :class:`~surgery.graph_diff.Diff`: one self-contained page.
 
 Inline CSS and SVG only (no scripts, fonts or images from anywhere): a summary,
 a strip of every block coloured by what happened to it (each links to its
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .diff import BlockDiff, group_label, layer_ranges, relative_transfer
+from .graph_diff import BlockDiff, group_label, layer_ranges, relative_transfer
 
 if TYPE_CHECKING:
-    from .diff import Diff, NodeChange
+    from .graph_diff import Diff, NodeChange
     from .graph import BlockGraph, ModelGraph
 
 # (stroke, fill) per node kind / state

@@ -88,7 +88,7 @@ class Run:
 
     def setup(self) -> None:
         from .data import Corpus, heldout_batches, tokens_needed
-        from .rewrite import rewrite
+        from .rewriter import rewrite
         from .teacher import load_teacher
 
         self.check_paths()

@@ -7,6 +7,9 @@ import torch
 
 from surgery.random_models import FAMILIES, random_model
 
+# Tests run in parallel workers (pytest -n 2 on 2 cores): one intra-op thread each avoids oversubscription.
+torch.set_num_threads(1)
+
 ALL_FAMILIES = sorted(FAMILIES)
 # The families the issues name as the minimum set (gemma3_text and opt are extra).
 CORE_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi", "gpt_neox", "gpt2"]

@@ -17,7 +17,6 @@ from transformers import AttentionInterface
 from rewrites.adapters import UnsupportedModelError, get_adapter, supported_families
 from surgery.random_models import FAMILIES, random_model
 
-torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
 
 _CAPTURED: dict[str, torch.Tensor] = {}
 

@@ -12,11 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import placeholder_mixer
-from surgery.diff import diff, group_label, layer_ranges
+from surgery.graph_diff import diff, group_label, layer_ranges
 from surgery.random_models import FAMILIES, random_model
-from surgery.rewrite import rewrite
+from surgery.rewriter import rewrite
 
-torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
 
 
 @pytest.fixture(autouse=True)

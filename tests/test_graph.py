@@ -9,7 +9,6 @@ import torch
 from surgery.graph import capture_block_call, check_splice, trace_block, trace_model
 from surgery.random_models import FAMILIES, random_model
 
-torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -15,9 +15,8 @@ import surgery
 from surgery.graph import check_splice, trace_model
 from surgery.mixers import Mixer
 from surgery.random_models import FAMILIES, random_model
-from surgery.rewrite import Plan, plan, rewrite, splice
+from surgery.rewriter import Plan, plan, rewrite, splice
 
-torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +137,7 @@ def test_plan_text_alignment() -> None:
 
 
 def test_check_splices_and_a_stale_trace() -> None:
-    from surgery.rewrite import check_splices
+    from surgery.rewriter import check_splices
 
     teacher = random_model("opt")
     student, p = rewrite(teacher, [{"layers": "1:", "mixer": MIX}])

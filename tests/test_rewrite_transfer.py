@@ -21,9 +21,8 @@ from rewrites.adapters import get_adapter
 from rewrites.rules import transfer_fields, transfer_requested
 from surgery.mixers import MIXERS, Mixer
 from surgery.random_models import FAMILIES, random_model
-from surgery.rewrite import rewrite
+from surgery.rewriter import rewrite
 
-torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
 
 
 @pytest.fixture(autouse=True)

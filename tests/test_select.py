@@ -7,15 +7,13 @@ from collections.abc import Iterator
 import re
 
 import pytest
-import torch
 
 import placeholder_mixer
 from surgery.errors import RecipeError, SelectionError
 from surgery.random_models import random_model
 from surgery.recipe import ReplaceRule
-from surgery.select import glob_to_regex, parse_layers, preview, select
+from surgery.selector import glob_to_regex, parse_layers, preview, select
 
-torch.set_num_threads(1)  # tiny models on shared cores: intra-op threads only cost time
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ the networkx views by their stable node keys and reports
 * edges added / removed,
 * parameters per block and in total, before and after,
 * for each replaced node, the tensors that left and arrived and what each new
-  tensor was transferred from (from the :class:`~surgery.rewrite.Plan` when
+  tensor was transferred from (from the :class:`~surgery.rewriter.Plan` when
   given, otherwise inferred by comparing the mixer's ``weight_views()`` with
   the teacher's attention weights).
 
@@ -30,7 +30,7 @@ from .graph import ModelGraph, trace_model
 from .mixers.base import Mixer
 
 if TYPE_CHECKING:
-    from .rewrite import Plan
+    from .rewriter import Plan
 
 SOURCE_OF = {"C": "q", "B": "k", "x": "v", "out": "o"}
 

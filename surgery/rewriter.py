@@ -29,7 +29,7 @@ from rewrites.registry import get_rule
 
 from .errors import SelectionError
 from .recipe import ReplaceRule
-from .select import Match, as_rules, attention_nodes, select
+from .selector import Match, as_rules, attention_nodes, select
 
 NODES_VERSION = 1
 
