@@ -163,9 +163,11 @@ class SurgeryCache(DynamicCache):
         return layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], SSMCacheLayer)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen by ``layer_idx`` (correct for mixer layers too)."""
+        """Tokens seen by ``layer_idx`` (correct for mixer layers too; an empty slot 0 defers to the others)."""
         if self._is_ssm(layer_idx):
             return self.layers[layer_idx].get_seq_length()
+        if layer_idx == 0 and self.layers and isinstance(self.layers[0], DynamicLayer) and not self.layers[0].is_initialized:
+            return max((self.get_seq_length(i) for i in range(1, len(self.layers))), default=0)
         return super().get_seq_length(layer_idx)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
