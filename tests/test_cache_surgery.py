@@ -37,7 +37,8 @@ def test_state_slot_bookkeeping() -> None:
     slot = cache.ssm_layer(2)
     assert len(cache.layers) == 3 and cache.ssm_layer(2) is slot
     b = 3
-    slot.store(torch.arange(b).float().view(b, 1, 1, 1).expand(b, 2, 4, 5).clone(), torch.arange(b).float().view(b, 1, 1).expand(b, 6, 3).clone(), 7)
+    rows = torch.arange(b).float()
+    slot.store(rows.view(b, 1, 1, 1).expand(b, 2, 4, 5).clone(), rows.view(b, 1, 1).expand(b, 6, 3).clone(), 7)
     assert cache.get_seq_length(2) == 7 and cache.get_seq_length() == 7  # slot 0 is empty: defers to the others
     assert cache.get_mask_sizes(1, 2) == (8, 0)
     assert cache.has_previous_state(2)

@@ -186,7 +186,9 @@ def name_modules(owner: nn.Module) -> None:
 
 
 @torch.no_grad()
-def transfer_out(owner: str, out_proj: nn.Linear, n_heads: int, head_dim: int, o: torch.Tensor, o_bias: torch.Tensor | None) -> tuple[str, str]:
+def transfer_out(
+    owner: str, out_proj: nn.Linear, n_heads: int, head_dim: int, o: torch.Tensor, o_bias: torch.Tensor | None
+) -> tuple[str, str]:
     """Copy ``o (d, n_heads, head_dim)`` into ``out_proj`` (d, n_heads * head_dim); returns a record entry."""
     d, tn, tp = o.shape
     if n_heads != tn or head_dim != tp:

@@ -8,9 +8,15 @@ return ``(output[b, L, d_model], None)``. Subclasses implement the pure pieces:
 
 * :meth:`Mixer.mix` -- the sequence mixer on ``u (b, L, d_model)``,
 * :meth:`Mixer.materialize` -- its mixing matrix ``(b, h, L, L)`` for stage 1,
+* :meth:`Mixer.ssm_output` -- the SSM part alone (post-conv ``x`` and ``y``), which the matrix maps,
 * :meth:`Mixer.matrix_parameters` -- what builds that matrix (trained in stage 1),
 * :meth:`Mixer.init_from_attention` -- weight transfer from :class:`AttentionWeights`,
 * :meth:`Mixer.weight_views` -- head-major views used to check transfers.
+
+Padding and state: :meth:`Mixer.forward` reads each current token's validity off the 4-D
+mask the block passes (:func:`surgery.mixers._common.token_validity`) and the mixer's state
+slot off the cache (:class:`surgery.cache.SurgeryCache`; a plain ``DynamicCache`` is upgraded
+in place, other caches raise). Padding tokens contribute nothing to the state.
 
 Weights of the teacher attention reach a mixer in one common layout
 (:class:`AttentionWeights`), whatever the family's fused / transposed layout;
@@ -163,10 +169,7 @@ class Mixer(nn.Module):
 
     def mix_with_contract(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
         """Turn the family's mask into per-token validity (see :func:`token_validity`) and call :meth:`mix`."""
-        valid = token_validity(attention_mask, hidden_states.shape[1])
-        if valid is not None and bool(valid.all()):
-            valid = None
-        return self.mix(hidden_states, valid, cache)
+        return self.mix(hidden_states, token_validity(attention_mask, hidden_states.shape[1]), cache)
 
     def state_slot(self, cache: Any) -> SSMCacheLayer | None:
         """This layer's recurrent state in ``cache`` (a Cache, an :class:`SSMCacheLayer` or None)."""

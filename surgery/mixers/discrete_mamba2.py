@@ -48,7 +48,9 @@ from .base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParam
 class DiscreteMamba2Params(MixerParams):
     """Shape of a discrete Mamba-2 mixer (``replace[i].params``); None fields come from the teacher."""
 
-    n_v_heads: int | None = Field(None, gt=0, description="x heads (decay, D and output per head); default: the teacher's query heads")
+    n_v_heads: int | None = Field(
+        None, gt=0, description="x heads (decay, D and output per head); default: the teacher's query heads"
+    )
     n_qk_heads: int | None = Field(None, gt=0, description="C heads (query-like); default: the teacher's query heads")
     n_b_heads: int | None = Field(
         None,
@@ -76,7 +78,9 @@ class DiscreteMamba2Init(MixerInit):
     """Initialisation of a discrete Mamba-2 mixer (``replace[i].init``)."""
 
     q_to_C: bool = Field(False, description="copy W_Q into C_proj (needs n_qk_heads == teacher heads, d_state == head dim)")
-    k_to_B: bool = Field(False, description="copy W_K into B_proj (n_b_heads == teacher KV heads, or query heads with GQA expansion)")
+    k_to_B: bool = Field(
+        False, description="copy W_K into B_proj (n_b_heads == teacher KV heads, or query heads with GQA expansion)"
+    )
     v_to_x: bool = Field(False, description="copy W_V into x_proj (n_v_heads == KV heads or query heads; head_dim == teacher's)")
     o_to_out: bool = Field(False, description="copy W_O into out_proj (n_v_heads == teacher heads, head_dim == teacher's)")
     identity_conv: bool = Field(True, description="initialise the conv to the identity (MOHAWK blog)")
@@ -229,12 +233,10 @@ class DiscreteMamba2(Mixer):
     def init_from_attention(self, weights: AttentionWeights | None, init: MixerInit) -> dict[str, str]:
         init = init if isinstance(init, DiscreteMamba2Init) else DiscreteMamba2Init.model_validate(init.model_dump())
         record: dict[str, str] = {}
-        transfers = [("q_to_C", init.q_to_C), ("k_to_B", init.k_to_B), ("v_to_x", init.v_to_x), ("o_to_out", init.o_to_out)]
-        if weights is None:
-            asked = [name for name, on in transfers if on]
-            if asked:
-                raise ValueError(f"discrete_mamba2: init {', '.join(asked)} needs the teacher's attention weights")
-        else:
+        asked = [name for name in ("q_to_C", "k_to_B", "v_to_x", "o_to_out") if getattr(init, name)]
+        if weights is None and asked:
+            raise ValueError(f"discrete_mamba2: init {', '.join(asked)} needs the teacher's attention weights")
+        if weights is not None and asked:
             record.update(self._transfer(weights, init))
         if init.identity_conv and self.conv_x is not None:
             identity_conv_(self.conv_x)
@@ -255,14 +257,16 @@ class DiscreteMamba2(Mixer):
         if s.d_model != self.d_model:
             raise ValueError(f"discrete_mamba2: teacher d_model {s.d_model} != mixer d_model {self.d_model}")
         teacher = (s.n_heads, s.n_kv_heads, s.head_dim)
-        owner = "discrete_mamba2"
-        entries = []
-        if init.q_to_C:
-            entries.append(transfer_heads(owner, "q_to_C", self.C_proj, ("n_qk_heads", self.n_qk), ("d_state", self.n), w.q, w.q_bias, teacher, "q", "q"))
-        if init.k_to_B:
-            entries.append(transfer_heads(owner, "k_to_B", self.B_proj, ("n_b_heads", self.n_b), ("d_state", self.n), w.k, w.k_bias, teacher, "kv", "k"))
-        if init.v_to_x:
-            entries.append(transfer_heads(owner, "v_to_x", self.x_proj, ("n_v_heads", self.n_v), ("head_dim", self.p), w.v, w.v_bias, teacher, "kv", "v"))
+        plan = [  # option, target projection, (its head count, head dim), source, source bias, per-query or per-KV, name
+            ("q_to_C", self.C_proj, ("n_qk_heads", self.n_qk), ("d_state", self.n), w.q, w.q_bias, "q", "q"),
+            ("k_to_B", self.B_proj, ("n_b_heads", self.n_b), ("d_state", self.n), w.k, w.k_bias, "kv", "k"),
+            ("v_to_x", self.x_proj, ("n_v_heads", self.n_v), ("head_dim", self.p), w.v, w.v_bias, "kv", "v"),
+        ]
+        entries = [
+            transfer_heads("discrete_mamba2", flag, proj, count, dim, src, bias, teacher, kind, name)
+            for flag, proj, count, dim, src, bias, kind, name in plan
+            if getattr(init, flag)
+        ]
         if init.o_to_out:
-            entries.append(transfer_out(owner, self.out_proj, self.n_v, self.p, w.o, w.o_bias))
+            entries.append(transfer_out("discrete_mamba2", self.out_proj, self.n_v, self.p, w.o, w.o_bias))
         return dict(entries)

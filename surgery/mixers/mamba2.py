@@ -66,7 +66,9 @@ class Mamba2Init(MixerInit):
     """Initialisation of a Mamba-2 mixer (``replace[i].init``); defaults are Mamba-2's."""
 
     q_to_C: bool = Field(False, description="copy W_Q into C_proj (needs ngroups == teacher heads, d_state == head dim)")
-    k_to_B: bool = Field(False, description="copy W_K into B_proj (ngroups == teacher KV heads, or query heads with GQA expansion)")
+    k_to_B: bool = Field(
+        False, description="copy W_K into B_proj (ngroups == teacher KV heads, or query heads with GQA expansion)"
+    )
     v_to_x: bool = Field(False, description="copy W_V into x_proj (n_heads == KV heads or query heads; head_dim == teacher's)")
     o_to_out: bool = Field(False, description="copy W_O into out_proj (n_heads == teacher heads, head_dim == teacher's)")
     identity_conv: bool = Field(False, description="initialise the conv to the identity (default: PyTorch's conv init)")
@@ -245,17 +247,16 @@ class Mamba2(Mixer):
             s = weights.shape
             if s.d_model != self.d_model:
                 raise ValueError(f"mamba2: teacher d_model {s.d_model} != mixer d_model {self.d_model}")
-            teacher = (s.n_heads, s.n_kv_heads, s.head_dim)
-            w = weights
-            if init.q_to_C:
-                key, text = transfer_heads("mamba2", "q_to_C", self.C_proj, ("ngroups", self.g), ("d_state", self.n), w.q, w.q_bias, teacher, "q", "q")
-                record[key] = text
-            if init.k_to_B:
-                key, text = transfer_heads("mamba2", "k_to_B", self.B_proj, ("ngroups", self.g), ("d_state", self.n), w.k, w.k_bias, teacher, "kv", "k")
-                record[key] = text
-            if init.v_to_x:
-                key, text = transfer_heads("mamba2", "v_to_x", self.x_proj, ("n_heads", self.h), ("head_dim", self.p), w.v, w.v_bias, teacher, "kv", "v")
-                record[key] = text
+            teacher, w = (s.n_heads, s.n_kv_heads, s.head_dim), weights
+            plan = [  # option, target projection, (its head count, head dim), source, source bias, kind, name
+                ("q_to_C", self.C_proj, ("ngroups", self.g), ("d_state", self.n), w.q, w.q_bias, "q", "q"),
+                ("k_to_B", self.B_proj, ("ngroups", self.g), ("d_state", self.n), w.k, w.k_bias, "kv", "k"),
+                ("v_to_x", self.x_proj, ("n_heads", self.h), ("head_dim", self.p), w.v, w.v_bias, "kv", "v"),
+            ]
+            for flag, proj, count, dim, src, bias, kind, name in plan:
+                if getattr(init, flag):
+                    key, text = transfer_heads("mamba2", flag, proj, count, dim, src, bias, teacher, kind, name)
+                    record[key] = text
             if init.o_to_out:
                 key, text = transfer_out("mamba2", self.out_proj, self.h, self.p, w.o, w.o_bias)
                 record[key] = text
