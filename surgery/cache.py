@@ -49,6 +49,7 @@ class SSMCacheLayer(LinearAttentionCacheLayerMixin):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(number_of_states=1)
         self.seen_tokens = 0
+        self.keys = self.values = None  # no KV (DynamicCache.__iter__ and DDP gathers read these)
 
     # -- the mixin's abstract API (state 0 only) --------------------------------------------
     def lazy_initialization(
