@@ -8,6 +8,7 @@ Rows, forward and forward+backward, in ms and as a ratio to SDPA:
 * ``ssd reference`` -- our plain-torch chunked SSD (:func:`surgery.ops.ssd_chunked`, computed in float32),
 * ``ssd triton``    -- mamba-ssm's ``mamba_chunk_scan_combined`` through our dispatch
   (discrete-Mamba-2 decay form, i.e. including the ``x / dt`` mapping of :mod:`surgery.ops.cuda`),
+* ``ssd triton dt-form`` -- the same kernel in its native Mamba-2 form (no ``x / dt``), for comparison,
 * ``sdpa causal``   -- ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
 
 GPU timing uses CUDA events after warmup (median of the timed iterations); CPU uses perf_counter.
@@ -75,6 +76,11 @@ def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, devic
 
         return run
 
+    dt_raw, A = r(b, L, h), -torch.rand(h, generator=g, device=device) - 0.5
+
+    def ssd_dt() -> torch.Tensor:
+        return ops.ssd_dt(x, F.softplus(dt_raw.float()), A, B, C, chunk_size=chunk, backend="triton")[0]
+
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
@@ -95,6 +101,7 @@ def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, devic
     cases = {"ssd reference": (fwd(ssd("reference")), fwd_bwd(ssd("reference"), dy))}
     if device.type == "cuda":
         cases["ssd triton"] = (fwd(ssd("triton")), fwd_bwd(ssd("triton"), dy))
+        cases["ssd triton dt-form"] = (fwd(ssd_dt), fwd_bwd(ssd_dt, dy))
     cases["sdpa causal"] = (fwd(sdpa), fwd_bwd(sdpa, do))
     return cases
 

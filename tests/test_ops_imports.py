@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -48,8 +49,9 @@ SCRIPT = textwrap.dedent(
 
 
 def test_cpu_paths_never_import_triton_or_mamba_ssm() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}
-    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run, also on the GPU machine
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "IMPORTED [] ATTEMPTS []" in out.stdout, out.stdout
