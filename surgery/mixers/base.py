@@ -8,9 +8,15 @@ return ``(output[b, L, d_model], None)``. Subclasses implement the pure pieces:
 
 * :meth:`Mixer.mix` -- the sequence mixer on ``u (b, L, d_model)``,
 * :meth:`Mixer.materialize` -- its mixing matrix ``(b, h, L, L)`` for stage 1,
+* :meth:`Mixer.ssm_output` -- the SSM part alone (post-conv ``x`` and ``y``), which the matrix maps,
 * :meth:`Mixer.matrix_parameters` -- what builds that matrix (trained in stage 1),
 * :meth:`Mixer.init_from_attention` -- weight transfer from :class:`AttentionWeights`,
 * :meth:`Mixer.weight_views` -- head-major views used to check transfers.
+
+Padding and state: :meth:`Mixer.forward` reads each current token's validity off the 4-D
+mask the block passes (:func:`surgery.mixers._common.token_validity`) and the mixer's state
+slot off the cache (:class:`surgery.cache.SurgeryCache`; a plain ``DynamicCache`` is upgraded
+in place, other caches raise). Padding tokens contribute nothing to the state.
 
 Weights of the teacher attention reach a mixer in one common layout
 (:class:`AttentionWeights`), whatever the family's fused / transposed layout;
@@ -25,6 +31,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from ..cache import SSMCacheLayer, surgery_cache
+from ._common import token_validity
 
 
 class MixerParams(BaseModel):
@@ -106,6 +115,11 @@ class Mixer(nn.Module):
 
     def __init__(self, d_model: int, params: MixerParams, layer_idx: int) -> None:
         super().__init__()
+        if not isinstance(params, self.params_model):  # a dict, or the base model from a generic caller
+            raw = params if isinstance(params, dict) else params.model_dump()
+            params = self.params_model.model_validate(raw)
+        if d_model <= 0:
+            raise ValueError(f"{self.name or type(self).__name__}: d_model must be positive, got {d_model}")
         self.d_model = d_model
         self.params = params
         self.layer_idx = layer_idx
@@ -120,32 +134,73 @@ class Mixer(nn.Module):
         """
         return params
 
+    def resolved(self) -> MixerParams:
+        """``self.params``; raises ``ValueError`` naming the first field still None."""
+        for name, value in self.params:
+            if value is None:
+                raise ValueError(
+                    f"{self.name or type(self).__name__}: {name} is not set; resolve the params against the teacher "
+                    "(resolve_params) or set it"
+                )
+        return self.params
+
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, " + ", ".join(f"{k}={v}" for k, v in self.params.model_dump().items())
 
     # ------------------------------------------------------------------ HF call contract
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        """Attention call contract of every supported family -> ``(output, None)``."""
+        """Attention call contract of every supported family -> ``(output, None)``.
+
+        ``hidden_states`` comes by keyword or as the first positional argument; the cache as
+        ``past_key_values`` (most families), ``layer_past`` (GPT-NeoX) or ``past_key_value``;
+        everything else (positions, rotary embeddings, ``use_cache``) is ignored.
+        """
         hidden_states = kwargs.pop("hidden_states", None)
         if hidden_states is None:
             hidden_states = args[0]
         attention_mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values") or kwargs.get("layer_past") or kwargs.get("past_key_value")
+        cache = None
+        for key in ("past_key_values", "layer_past", "past_key_value"):
+            if kwargs.get(key) is not None:  # not `or`: an empty Cache is falsy (len 0)
+                cache = kwargs[key]
+                break
         return self.mix_with_contract(hidden_states, attention_mask, cache), None
 
     def mix_with_contract(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
-        """Turn the family's mask and cache into :meth:`mix` arguments (implemented with the cache)."""
-        raise NotImplementedError
+        """Turn the family's mask into per-token validity (see :func:`token_validity`) and call :meth:`mix`."""
+        return self.mix(hidden_states, token_validity(attention_mask, hidden_states.shape[1]), cache)
+
+    def state_slot(self, cache: Any) -> SSMCacheLayer | None:
+        """This layer's recurrent state in ``cache`` (a Cache, an :class:`SSMCacheLayer` or None)."""
+        if cache is None or isinstance(cache, SSMCacheLayer):
+            return cache
+        return surgery_cache(cache).ssm_layer(self.layer_idx)
 
     # ------------------------------------------------------------------ pure pieces
 
     def mix(self, u: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """Mix ``u (b, L, d_model)``; ``mask (b, L)`` is True on real tokens. Returns ``(b, L, d_model)``."""
+        """Mix ``u (b, L, d_model)``; ``mask (b, L)`` is True on real tokens. Returns ``(b, L, d_model)``.
+
+        Padding tokens contribute nothing (zero input, decay 1, zero conv input), so a left-padded
+        row gives the same outputs on its real tokens as the unpadded row. ``cache``: a Cache
+        (this layer's slot is used and updated; see :mod:`surgery.cache`), an
+        :class:`SSMCacheLayer`, or None (no state carried).
+        """
         raise NotImplementedError
 
-    def materialize(self, u: torch.Tensor) -> torch.Tensor:
-        """Mixing matrix ``(b, h, L, L)``; rows are output positions, like attention probabilities."""
+    def materialize(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixing matrix ``(b, h, L, L)``; rows are output positions, like attention probabilities.
+
+        It acts on the post-conv ``x`` of :meth:`ssm_output`: ``einsum("bhls,bshp->blhp", M, x)``
+        is the SSM part of the forward. Columns of padding tokens (``mask`` False) are zero.
+        Returned in float32 (float64 for float64 inputs).
+        """
+        raise NotImplementedError
+
+    def ssm_output(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SSM part of the forward, without state: post-conv ``x (b, L, h, p)`` and ``y (b, L, h, p)``
+        (before the gate / norm and out_proj)."""
         raise NotImplementedError
 
     @property

@@ -1,0 +1,282 @@
+"""Recurrent decoding for students: one cache for kept attention KV and SSM mixer state.
+
+:class:`SurgeryCache` is a ``transformers`` :class:`~transformers.DynamicCache` whose mixer
+layers are :class:`SSMCacheLayer` objects (SSM state ``(b, h, p, n)`` and the short conv's last
+``k - 1`` inputs ``(b, channels, k - 1)``) while kept attention layers stay ordinary
+``DynamicLayer`` / ``DynamicSlidingWindowLayer`` KV caches.
+
+``SSMCacheLayer`` builds on transformers' ``LinearAttentionCacheLayerMixin`` (the layer type
+its own Mamba/linear-attention hybrids use): the library's generic code then knows these
+layers hold no KV (``Cache.is_linear``, mask sizing picks a kept attention layer,
+``has_previous_state``, ``get_conv_state``/``get_recurrent_state``, beam-search
+``reorder_cache``, offloading, ``is_croppable`` is False once a state exists). On top of the
+mixin it counts the tokens it has seen, so that ``get_seq_length`` and the mask sizes are right
+even when layer 0 -- or every layer -- is a mixer (``generate`` derives positions from them), and
+it implements ``batch_repeat_interleave`` / ``batch_select_indices``.
+
+A student's mixers also accept the plain ``DynamicCache`` that a model's ``forward`` or
+``generate`` creates by default: :func:`surgery_cache` upgrades it in place (same object, class
+``SurgeryCache``; safe because the subclass adds no state of its own and is only needed from
+the second forward on). Every other cache type (static, quantized, a DynamicCache subclass, a
+cache whose mixer slot already holds KV) raises a ``TypeError`` that says what to do.
+:func:`enable_recurrent_cache` makes the model create a ``SurgeryCache`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+
+__all__ = ["SSMCacheLayer", "SurgeryCache", "enable_recurrent_cache", "mixer_layer_indices", "surgery_cache"]
+
+
+class SSMCacheLayer(LinearAttentionCacheLayerMixin):
+    """One mixer layer's recurrent state: ``ssm_state (b, h, p, n)``, ``conv_state (b, channels, k-1)``.
+
+    Either may be None for a mixer without that part (no conv: ``conv_state`` stays None).
+    ``seen_tokens`` counts every token passed through (padding included, like a KV cache's length).
+    """
+
+    is_sliding = False
+    is_compileable = False  # keep generate from auto-compiling / building static 4-D masks
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(number_of_states=1)
+        self.seen_tokens = 0
+        self.keys = self.values = None  # no KV (DynamicCache.__iter__ and DDP gathers read these)
+
+    # -- the mixin's abstract API (state 0 only) --------------------------------------------
+    def lazy_initialization(
+        self, conv_states: torch.Tensor | None = None, recurrent_states: torch.Tensor | None = None, state_idx: int = 0
+    ) -> None:
+        ref = conv_states if conv_states is not None else recurrent_states
+        if ref is not None and self.device is None:
+            self.device, self.dtype = ref.device, ref.dtype
+        if conv_states is not None:
+            self.is_conv_states_initialized[state_idx] = True
+            self.conv_kernel_size[state_idx] = conv_states.shape[-1]
+        if recurrent_states is not None:
+            self.is_recurrent_states_initialized[state_idx] = True
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        """Replace the conv state (the mixer computes the new window itself)."""
+        self.lazy_initialization(conv_states=conv_states, state_idx=state_idx)
+        self.conv_states[state_idx] = conv_states
+        self.has_previous_state[state_idx] = True
+        return conv_states
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        """Replace the SSM state."""
+        self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+        self.recurrent_states[state_idx] = recurrent_states
+        self.has_previous_state[state_idx] = True
+        return recurrent_states
+
+    # -- what mixers use -----------------------------------------------------------------
+    @property
+    def has_state(self) -> bool:
+        """Whether a previous forward left a state (False on a fresh or reset layer)."""
+        return self.seen_tokens > 0
+
+    @property
+    def ssm_state(self) -> torch.Tensor | None:
+        """``(b, h, p, n)`` or None."""
+        return self.recurrent_states[0] if self.has_state else None
+
+    @property
+    def conv_state(self) -> torch.Tensor | None:
+        """``(b, channels, k - 1)`` or None."""
+        return self.conv_states[0] if self.has_state else None
+
+    def store(self, ssm_state: torch.Tensor, conv_state: torch.Tensor | None, n_tokens: int) -> None:
+        """Record the state after ``n_tokens`` more tokens."""
+        self.update_recurrent_state(ssm_state)
+        if conv_state is not None:
+            self.update_conv_state(conv_state)
+        self.seen_tokens += n_tokens
+
+    # -- sequence length and masks ------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Like a full-attention layer: ``(seen + query_length, 0)``."""
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    # -- batch manipulation (generate: contrastive search, num_return_sequences) --------------
+    def _map_states(self, fn: Any) -> None:
+        for i in range(self.number_of_states):
+            if self.is_conv_states_initialized[i] and self.conv_states[i] is not None:
+                self.conv_states[i] = fn(self.conv_states[i])
+            if self.is_recurrent_states_initialized[i] and self.recurrent_states[i] is not None:
+                self.recurrent_states[i] = fn(self.recurrent_states[i])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_states(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+class SurgeryCache(DynamicCache):
+    """KV for kept attention layers plus :class:`SSMCacheLayer` state for mixer layers.
+
+    ``config``: the model config (as for ``DynamicCache``: sliding-window layers get sliding KV
+    caches). ``mixer_layers``: decoder layer indices of mixers; others are found lazily when a
+    mixer first asks for its slot (:meth:`ssm_layer`).
+    """
+
+    def __init__(self, config: Any = None, mixer_layers: Iterable[int] = (), **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        for idx in mixer_layers:
+            self.ssm_layer(idx)
+
+    def ssm_layer(self, layer_idx: int) -> SSMCacheLayer:
+        """The state slot of the mixer at ``layer_idx`` (created on first use)."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(DynamicLayer())
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SSMCacheLayer):
+            return layer
+        if not isinstance(layer, DynamicLayer) or (layer.is_initialized and layer.get_seq_length() > 0):
+            raise TypeError(
+                f"cache layer {layer_idx} is a {type(layer).__name__} holding attention state, but layer {layer_idx} is "
+                "an SSM mixer; use a fresh cache (SurgeryCache()) for this student"
+            )
+        layer = SSMCacheLayer()
+        self.layers[layer_idx] = layer
+        return layer
+
+    def _is_ssm(self, layer_idx: int) -> bool:
+        return layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], SSMCacheLayer)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen by ``layer_idx`` (correct for mixer layers too; an empty slot 0 defers to the others)."""
+        if self._is_ssm(layer_idx):
+            return self.layers[layer_idx].get_seq_length()
+        if layer_idx == 0 and self.layers and isinstance(self.layers[0], DynamicLayer) and not self.layers[0].is_initialized:
+            return max((self.get_seq_length(i) for i in range(1, len(self.layers))), default=0)
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if self._is_ssm(layer_idx):
+            return self.layers[layer_idx].get_mask_sizes(query_length)
+        return super().get_mask_sizes(query_length, layer_idx)
+
+
+def surgery_cache(cache: Any) -> SurgeryCache:
+    """The :class:`SurgeryCache` behind ``cache`` (what a mixer receives as ``past_key_values``).
+
+    A plain ``DynamicCache`` is upgraded in place (see the module docstring); an
+    ``EncoderDecoderCache`` is unwrapped to its self-attention cache; anything else raises.
+    """
+    if isinstance(cache, SurgeryCache):
+        return cache
+    inner = getattr(cache, "self_attention_cache", None)
+    if inner is not None:
+        return surgery_cache(inner)
+    if type(cache) is DynamicCache and not cache.offloading:
+        cache.__class__ = SurgeryCache
+        return cache
+    raise TypeError(
+        f"an SSM mixer got a {type(cache).__name__}; it needs a surgery.cache.SurgeryCache to carry its recurrent "
+        "state. Call surgery.cache.enable_recurrent_cache(model) (then model(...) and model.generate(...) create one), "
+        "or pass past_key_values=SurgeryCache(); static, quantized and offloaded caches are not supported"
+    )
+
+
+def mixer_layer_indices(model: nn.Module) -> list[int]:
+    """Decoder layer indices of the SSM mixers in ``model``."""
+    from .mixers.base import Mixer
+
+    return sorted({m.layer_idx for m in model.modules() if isinstance(m, Mixer)})
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _recurrent_subclass(cls: type) -> type:
+    """A subclass of the model class ``cls`` that creates a :class:`SurgeryCache` by default (cached per class)."""
+    if getattr(cls, "_surgery_recurrent", False):
+        return cls
+    if cls in _SUBCLASSES:
+        return _SUBCLASSES[cls]
+    signature = inspect.signature(cls.forward)
+
+    @functools.wraps(cls.forward)  # keeps the signature: generate inspects it (position_ids, logits_to_keep)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True)
+        if use_cache and bound.get("past_key_values") is None and "past_key_values" in signature.parameters:
+            kwargs["past_key_values"] = self.new_surgery_cache()
+        return cls.forward(self, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by SSM students; "
+                    "leave it unset (a SurgeryCache is used)"
+                )
+            model_kwargs["past_key_values"] = self.new_surgery_cache()
+            result = cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+            model_kwargs["past_key_values"]._is_user_defined = False  # generate made it; do not keep it alive
+            return result
+        return cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
+    def new_surgery_cache(self: Any) -> SurgeryCache:
+        """A fresh :class:`SurgeryCache` for this model (mixer slots pre-created)."""
+        config = self.config.get_text_config(decoder=True)
+        return SurgeryCache(config=config, mixer_layers=mixer_layer_indices(self))
+
+    name = f"_Recurrent_{cls.__name__}_{len(_SUBCLASSES)}"
+    sub = type(
+        cls.__name__,  # the class name is what save_pretrained writes to config.architectures
+        (cls,),
+        {
+            "__module__": __name__,
+            "__qualname__": name,  # importable as surgery.cache.<name>: pickling works
+            "__doc__": cls.__doc__,
+            "_surgery_recurrent": True,
+            "_is_stateful": True,  # generate refuses assisted decoding (states cannot be rolled back)
+            "forward": forward,
+            "_prepare_cache_for_generation": _prepare_cache_for_generation,
+            "new_surgery_cache": new_surgery_cache,
+        },
+    )
+    globals()[name] = sub
+    _SUBCLASSES[cls] = sub
+    return sub
+
+
+def enable_recurrent_cache(model: nn.Module) -> nn.Module:
+    """Make ``model(..., use_cache=True)`` and ``model.generate(...)`` use a :class:`SurgeryCache` by default.
+
+    The model's class is swapped (in place; the same object is returned) for a cached dynamic
+    subclass that overrides ``forward`` (a ``SurgeryCache`` is created where the model would
+    create a ``DynamicCache``) and ``_prepare_cache_for_generation`` (the hook ``generate`` uses to
+    build its cache). A subclass rather than patched instance methods because it survives
+    ``copy.deepcopy`` and pickling, keeps ``forward``'s signature (``generate`` inspects it) and
+    keeps the class name that ``save_pretrained`` records. It also marks the model stateful, so
+    ``generate`` refuses assisted decoding, which would need to roll SSM states back.
+    Idempotent; a model without mixers is returned unchanged.
+    """
+    if not mixer_layer_indices(model):
+        return model
+    model.__class__ = _recurrent_subclass(type(model))
+    return model

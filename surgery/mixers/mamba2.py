@@ -1,0 +1,272 @@
+"""Standard Mamba-2 (Dao & Gu 2024, arXiv 2405.21060), with Mamba-in-the-Llama weight transfer (arXiv 2408.15237).
+
+Per head ``h`` and token ``t``::
+
+    x, B, C = silu(causal_conv([x_proj(u) | B_proj(u) | C_proj(u)]))
+    dt_t = softplus(dt_proj(u)_t + dt_bias),      A_h = -exp(A_log_h)
+    H_t = exp(dt_t A_h) H_{t-1} + dt_t x_t B_t^T,  y_t = H_t C_t + D_h x_t
+    out = out_proj(rmsnorm(y * silu(z)) * norm_weight)   gated RMSNorm, one per B/C group
+
+``B`` and ``C`` are shared by the heads of each of ``ngroups`` groups. The mixing-matrix parts
+(``B_proj``, ``C_proj``, ``conv_bc``, ``dt_proj``, ``dt_bias``, ``A_log``, ``D``) are separate
+modules from the rest (``x_proj``, ``conv_x``, ``z_proj``, ``norm_weight``, ``out_proj``), so
+stage 1 trains exactly :meth:`matrix_parameters`. Mamba-in-the-Llama initialisation: C <- W_Q,
+B <- W_K (expanded per KV group), x <- W_V (expanded), out_proj <- W_O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from .. import ops
+from . import register_mixer
+from ._common import (
+    causal_conv,
+    check_divides,
+    check_positive,
+    identity_conv_,
+    inverse_softplus,
+    log_uniform_,
+    make_conv,
+    name_modules,
+    transfer_heads,
+    transfer_out,
+)
+from .base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParams
+
+
+class Mamba2Params(MixerParams):
+    """Shape of a Mamba-2 mixer (``replace[i].params``); None fields come from the teacher."""
+
+    n_heads: int | None = Field(None, gt=0, description="SSM heads (x, dt, A, D per head); default: the teacher's query heads")
+    head_dim: int | None = Field(None, gt=0, description="x head dimension p; default: the teacher's head dim")
+    d_state: int | None = Field(None, gt=0, description="state size n; default: the teacher's head dim (needed for q->C, k->B)")
+    ngroups: int | None = Field(
+        None, gt=0, description="B/C groups (and gated-norm groups); default: the teacher's query heads (needed for q->C)"
+    )
+    d_conv: int = Field(4, ge=0, description="kernel size of the causal depthwise conv on x, B, C; 0 disables it")
+    conv_bias: bool = Field(True, description="learn a bias in the conv")
+    bias: bool = Field(False, description="biases on the input projections and out_proj")
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of the gated RMSNorm")
+    chunk_size: int = Field(128, gt=0, description="SSD chunk length (speed only; results do not depend on it)")
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> Mamba2Params:
+        if self.n_heads is not None and self.ngroups is not None:
+            check_divides("mamba2", ("ngroups", self.ngroups), ("n_heads", self.n_heads))
+        return self
+
+
+class Mamba2Init(MixerInit):
+    """Initialisation of a Mamba-2 mixer (``replace[i].init``); defaults are Mamba-2's."""
+
+    q_to_C: bool = Field(False, description="copy W_Q into C_proj (needs ngroups == teacher heads, d_state == head dim)")
+    k_to_B: bool = Field(
+        False, description="copy W_K into B_proj (ngroups == teacher KV heads, or query heads with GQA expansion)"
+    )
+    v_to_x: bool = Field(False, description="copy W_V into x_proj (n_heads == KV heads or query heads; head_dim == teacher's)")
+    o_to_out: bool = Field(False, description="copy W_O into out_proj (n_heads == teacher heads, head_dim == teacher's)")
+    identity_conv: bool = Field(False, description="initialise the conv to the identity (default: PyTorch's conv init)")
+    dt_min: float = Field(1e-3, gt=0, description="smallest initial dt (log-uniform between dt_min and dt_max)")
+    dt_max: float = Field(1e-1, gt=0, description="largest initial dt")
+    dt_init_floor: float = Field(1e-4, gt=0, description="lower clamp of the initial dt")
+    A_init_min: float = Field(1.0, gt=0, description="A = -exp(A_log) starts uniform in [-A_init_max, -A_init_min]")
+    A_init_max: float = Field(16.0, gt=0, description="see A_init_min")
+    D: float = Field(1.0, description="initial value of the skip D")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Mamba2Init:
+        if self.dt_max < self.dt_min:
+            raise ValueError(f"mamba2: dt_max ({self.dt_max}) must be >= dt_min ({self.dt_min})")
+        if self.A_init_max < self.A_init_min:
+            raise ValueError(f"mamba2: A_init_max ({self.A_init_max}) must be >= A_init_min ({self.A_init_min})")
+        return self
+
+
+@register_mixer("mamba2")
+class Mamba2(Mixer):
+    """Standard Mamba-2 (see the module docstring)."""
+
+    params_model = Mamba2Params
+    init_model = Mamba2Init
+
+    def __init__(self, d_model: int, params: Mamba2Params | dict[str, Any], layer_idx: int) -> None:
+        super().__init__(d_model, params, layer_idx)
+        p = self.resolved()
+        check_positive("mamba2", n_heads=p.n_heads, head_dim=p.head_dim, d_state=p.d_state, ngroups=p.ngroups)
+        self.h, self.p, self.n, self.g = p.n_heads, p.head_dim, p.d_state, p.ngroups
+        self.d_inner = self.h * self.p
+        # the rest: x, gate, norm, output
+        self.x_proj = nn.Linear(d_model, self.d_inner, bias=p.bias)
+        self.conv_x = make_conv(self.d_inner, p.d_conv, p.conv_bias)
+        self.z_proj = nn.Linear(d_model, self.d_inner, bias=p.bias)
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=p.bias)
+        # the mixing matrix: B, C, dt, A, their conv, D
+        self.B_proj = nn.Linear(d_model, self.g * self.n, bias=p.bias)
+        self.C_proj = nn.Linear(d_model, self.g * self.n, bias=p.bias)
+        self.conv_bc = make_conv(2 * self.g * self.n, p.d_conv, p.conv_bias)
+        self.dt_proj = nn.Linear(d_model, self.h, bias=False)
+        self.dt_bias = nn.Parameter(torch.zeros(self.h))
+        self.A_log = nn.Parameter(torch.zeros(self.h))
+        self.D = nn.Parameter(torch.ones(self.h))
+        for no_decay in (self.dt_bias, self.A_log, self.D):
+            no_decay._no_weight_decay = True  # type: ignore[attr-defined]
+        name_modules(self)
+        self._init_ssm(Mamba2Init())
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def resolve_params(cls, params: MixerParams, shape: AttentionShape) -> Mamba2Params:
+        """Fill None fields from the teacher's attention shape (see the field descriptions)."""
+        p = params if isinstance(params, Mamba2Params) else Mamba2Params.model_validate(params.model_dump())
+        return Mamba2Params.model_validate(
+            {
+                **p.model_dump(),
+                "n_heads": p.n_heads or shape.n_heads,
+                "head_dim": p.head_dim or shape.head_dim,
+                "d_state": p.d_state or shape.head_dim,
+                "ngroups": p.ngroups or shape.n_heads,
+            }
+        )
+
+    @torch.no_grad()
+    def _init_ssm(self, init: Mamba2Init) -> None:
+        """Mamba-2's dt / A / D init: dt log-uniform in [dt_min, dt_max], A uniform in [A_init_min, A_init_max]."""
+        dt = log_uniform_(torch.empty(self.h), init.dt_min, init.dt_max).clamp_(min=init.dt_init_floor)
+        self.dt_bias.copy_(inverse_softplus(dt))
+        self.A_log.copy_(torch.empty(self.h).uniform_(init.A_init_min, init.A_init_max).log_())
+        self.D.fill_(init.D)
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _matrix_inputs(
+        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """u (b, L, d) -> dt (b, L, h), A (h,), B (b, L, g, n), C (b, L, g, n), new B|C conv window."""
+        b, L, _ = u.shape
+        bc = torch.cat([self.B_proj(u), self.C_proj(u)], dim=-1)  # (b, L, 2 g n)
+        if valid is not None:
+            bc = bc * valid[..., None]
+        bc, window = causal_conv(bc, self.conv_bc, history)
+        B, C = F.silu(bc).split([self.g * self.n, self.g * self.n], dim=-1)
+        dt = F.softplus(self.dt_proj(u) + self.dt_bias)  # (b, L, h)
+        if valid is not None:
+            dt = dt * valid[..., None]  # padding: decay 1, no input
+        A = -torch.exp(self.A_log.float())  # (h,)
+        return dt, A, B.reshape(b, L, self.g, self.n), C.reshape(b, L, self.g, self.n), window
+
+    def _x_inputs(
+        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """u (b, L, d) -> post-conv x (b, L, h, p), new x conv window."""
+        b, L, _ = u.shape
+        x = self.x_proj(u)  # (b, L, d_inner)
+        if valid is not None:
+            x = x * valid[..., None]
+        x, window = causal_conv(x, self.conv_x, history)
+        return F.silu(x).reshape(b, L, self.h, self.p), window
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``rmsnorm(y * silu(z)) * norm_weight``, normalised per B/C group. y, z (b, L, d_inner)."""
+        b, L, _ = y.shape
+        v = (y * F.silu(z)).reshape(b, L, self.g, -1)  # (b, L, g, d_inner / g)
+        dtype = ops.compute_dtype(v.dtype)
+        vf = v.to(dtype)
+        vf = vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + self.params.norm_eps)
+        return vf.reshape(b, L, -1).to(y.dtype) * self.norm_weight
+
+    def ssm_output(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _ = self._x_inputs(u, mask)
+        dt, A, B, C, _ = self._matrix_inputs(u, mask)
+        y, _ = ops.ssd_dt(x, dt, A, B, C, chunk_size=self.params.chunk_size, D=self.D)
+        return x, y
+
+    def mix(self, u: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        b, L, _ = u.shape
+        slot = self.state_slot(cache)
+        history = slot.conv_state if slot is not None else None
+        hist_x, hist_bc = (None, None) if history is None else (history[:, : self.d_inner], history[:, self.d_inner :])
+        state = slot.ssm_state if slot is not None else None
+        x, win_x = self._x_inputs(u, mask, hist_x)  # (b, L, h, p)
+        dt, A, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc)
+        if state is not None and L == 1:  # decoding: one recurrence step
+            log_a, x_in = ops.dt_to_decay(x[:, 0], dt[:, 0], A)  # (b, h), (b, h, p)
+            y, state = ops.ssd_step(x_in, log_a, B[:, 0], C[:, 0], state=state)
+            y = (y + x[:, 0].to(y.dtype) * self.D.to(y.dtype)[:, None]).to(x.dtype)[:, None]  # (b, 1, h, p)
+        else:
+            y, state = ops.ssd_dt(x, dt, A, B, C, chunk_size=self.params.chunk_size, D=self.D, initial_state=state)
+        if slot is not None:
+            window = None if win_x is None else torch.cat([win_x, win_bc], dim=1)
+            slot.store(state, window, L)
+        y = self._gated_norm(y.reshape(b, L, self.d_inner), self.z_proj(u))
+        return self.out_proj(y)
+
+    def materialize(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        dt, A, B, C, _ = self._matrix_inputs(u, mask)
+        log_a = dt.to(ops.compute_dtype(dt.dtype)) * A.to(ops.compute_dtype(dt.dtype))  # (b, L, h)
+        M = ops.ssd_matrix(log_a, B, C, D=self.D, input_scale=dt)  # (b, h, L, L)
+        if mask is not None:
+            M = M * mask[:, None, None, :].to(M.dtype)
+        return M
+
+    # ------------------------------------------------------------------ stage 1 and transfer
+
+    @property
+    def n_matrix_heads(self) -> int:
+        return self.h
+
+    def matrix_parameters(self) -> list[nn.Parameter]:
+        modules: list[nn.Module | None] = [self.B_proj, self.C_proj, self.conv_bc, self.dt_proj]
+        params = [q for m in modules if m is not None for q in m.parameters()]
+        return [*params, self.dt_bias, self.A_log, self.D]
+
+    def weight_views(self) -> dict[str, torch.Tensor]:
+        d = self.d_model
+        return {
+            "C": self.C_proj.weight.view(self.g, self.n, d),
+            "B": self.B_proj.weight.view(self.g, self.n, d),
+            "x": self.x_proj.weight.view(self.h, self.p, d),
+            "out": self.out_proj.weight.view(d, self.h, self.p),
+        }
+
+    @torch.no_grad()
+    def init_from_attention(self, weights: AttentionWeights | None, init: MixerInit) -> dict[str, str]:
+        init = init if isinstance(init, Mamba2Init) else Mamba2Init.model_validate(init.model_dump())
+        record: dict[str, str] = {}
+        asked = [name for name in ("q_to_C", "k_to_B", "v_to_x", "o_to_out") if getattr(init, name)]
+        if weights is None and asked:
+            raise ValueError(f"mamba2: init {', '.join(asked)} needs the teacher's attention weights")
+        if weights is not None and asked:
+            s = weights.shape
+            if s.d_model != self.d_model:
+                raise ValueError(f"mamba2: teacher d_model {s.d_model} != mixer d_model {self.d_model}")
+            teacher, w = (s.n_heads, s.n_kv_heads, s.head_dim), weights
+            plan = [  # option, target projection, (its head count, head dim), source, source bias, kind, name
+                ("q_to_C", self.C_proj, ("ngroups", self.g), ("d_state", self.n), w.q, w.q_bias, "q", "q"),
+                ("k_to_B", self.B_proj, ("ngroups", self.g), ("d_state", self.n), w.k, w.k_bias, "kv", "k"),
+                ("v_to_x", self.x_proj, ("n_heads", self.h), ("head_dim", self.p), w.v, w.v_bias, "kv", "v"),
+            ]
+            for flag, proj, count, dim, src, bias, kind, name in plan:
+                if getattr(init, flag):
+                    key, text = transfer_heads("mamba2", flag, proj, count, dim, src, bias, teacher, kind, name)
+                    record[key] = text
+            if init.o_to_out:
+                key, text = transfer_out("mamba2", self.out_proj, self.h, self.p, w.o, w.o_bias)
+                record[key] = text
+        if init.identity_conv:
+            identity_conv_(self.conv_x)
+            identity_conv_(self.conv_bc)
+            if self.conv_x is not None:
+                record["conv_x, conv_bc"] = "identity"
+        self._init_ssm(init)
+        record["dt_bias, A_log, D"] = (
+            f"dt~logU[{init.dt_min:g},{init.dt_max:g}], A~U[{init.A_init_min:g},{init.A_init_max:g}], D={init.D:g}"
+        )
+        return record

@@ -1,0 +1,190 @@
+"""GPU: the Triton path (mamba-ssm through surgery.ops.cuda) against the float64 reference; cached decode.
+
+Skipped without CUDA. Run on the GPU machine with mamba-ssm installed (see surgery/ops/cuda.py):
+
+    python -m pytest tests/test_gpu_mixers.py -q
+
+Tolerances are norm-relative errors against the plain-torch reference in float64 on the same
+(rounded) inputs: float32 < 1e-3, bfloat16 < 2e-2, for the outputs and every input gradient.
+Triton compiles float32 dots as TF32 on Ampere/Hopper unless ``TRITON_F32_DEFAULT=ieee``; this
+module sets that default (before any kernel compiles) so that the float32 check tests the kernel
+mapping at float32 precision. Without it, expect float32 errors of order 1e-3 (TF32).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from surgery import ops  # noqa: E402
+from surgery.cache import enable_recurrent_cache  # noqa: E402
+from surgery.mixers import get_mixer  # noqa: E402
+from surgery.mixers.testing import naive_student  # noqa: E402
+from surgery.random_models import random_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def kernel(cuda: torch.device) -> torch.device:
+    """CUDA with the mamba-ssm Triton kernel importable (skips otherwise, with the import error)."""
+    from surgery.ops import cuda as cuda_ops
+
+    if cuda_ops.load_kernel() is None:
+        pytest.skip(f"mamba-ssm Triton kernel unavailable: {cuda_ops.load_error()}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return cuda
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def run(fn, inputs: dict[str, torch.Tensor], dy: torch.Tensor, ds: torch.Tensor):
+    """Forward and backward from fresh leaves: (y, final state, {input: grad})."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y, s = fn(**leaves)
+    torch.autograd.backward([y, s], [dy.to(y.dtype), ds.to(s.dtype)])
+    return y.detach(), s.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def compare(fn_fast, fn_ref, inputs: dict[str, torch.Tensor], dtype: torch.dtype, y_shape, s_shape, device) -> None:
+    g = torch.Generator(device=device).manual_seed(1)
+    dy = torch.randn(*y_shape, generator=g, device=device)
+    ds = torch.randn(*s_shape, generator=g, device=device)
+    y, s, grads = run(fn_fast, inputs, dy, ds)
+    inputs64 = {k: v.double() for k, v in inputs.items()}  # the same rounded values, in float64
+    y_ref, s_ref, grads_ref = run(fn_ref, inputs64, dy.double(), ds.double())
+    errors = {"y": rel(y, y_ref), "final_state": rel(s, s_ref)}
+    errors |= {f"d{k}": rel(grads[k], grads_ref[k]) for k in inputs}
+    bad = {k: v for k, v in errors.items() if not v < TOL[dtype]}
+    assert not bad, f"{dtype}: relative errors above {TOL[dtype]}: {bad} (all: {errors})"
+
+
+def decay_inputs(dtype: torch.dtype, device: torch.device, b=2, L=300, h=4, p=32, n=16, gB=2, gC=4, pad=0):
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    t = {
+        "x": r(b, L, h, p).to(dtype),
+        "log_a": (-F.softplus(r(b, L, h) - 1)).to(dtype),
+        "B": r(b, L, gB, n, scale=n**-0.5).to(dtype),
+        "C": r(b, L, gC, n, scale=n**-0.5).to(dtype),
+        "D": r(h),
+        "initial_state": r(b, h, p, n),
+    }
+    if pad:  # left padding as the mixers feed it: zero input, decay 1
+        t["x"][:, :pad] = 0
+        t["log_a"][:, :pad] = 0
+    return t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pad", [0, 5])
+def test_triton_decay_form_matches_reference(kernel: torch.device, dtype: torch.dtype, pad: int) -> None:
+    t = decay_inputs(dtype, kernel, pad=pad)
+    # Padding enters as x = 0 and log_a = 0 (dt = 0), as the mixers feed it. There the kernel's input scale dt is 0,
+    # so d(out)/dx is 0 on the kernel path but not in the decay form: mask x like the mixers do (grads then agree).
+    keep = torch.ones(1, t["x"].shape[1], 1, 1, device=kernel, dtype=dtype)
+    keep[:, :pad] = 0
+
+    def fast(x, log_a, B, C, D, initial_state):
+        return ops.ssd(x * keep, log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="triton")
+
+    def ref(x, log_a, B, C, D, initial_state):
+        return ops.ssd(x * keep.to(x.dtype), log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="reference")
+
+    compare(fast, ref, t, dtype, t["x"].shape, t["initial_state"].shape, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_dt_form_matches_reference(kernel: torch.device, dtype: torch.dtype) -> None:
+    t = decay_inputs(dtype, kernel, L=200, gB=2, gC=2)
+    g = torch.Generator(device=kernel).manual_seed(2)
+    t.pop("log_a")
+    t["dt"] = F.softplus(torch.randn(2, 200, 4, generator=g, device=kernel) - 2)
+    t["A"] = -torch.rand(4, generator=g, device=kernel) * 4 - 0.5
+
+    def fast(x, dt, A, B, C, D, initial_state):
+        return ops.ssd_dt(x, dt, A, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="triton")
+
+    def ref(x, dt, A, B, C, D, initial_state):
+        return ops.ssd_dt(x, dt, A, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="reference")
+
+    compare(fast, ref, t, dtype, t["x"].shape, t["initial_state"].shape, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["discrete_mamba2", "mamba2"])
+def test_mixer_triton_matches_reference(kernel: torch.device, dtype: torch.dtype, name: str) -> None:
+    cls = get_mixer(name)
+    torch.manual_seed(0)
+    params = {"chunk_size": 48}  # not a power of two: the kernel rounds it up
+    params |= {"n_v_heads": 4, "n_qk_heads": 4, "n_b_heads": 2} if name == "discrete_mamba2" else {"n_heads": 4, "ngroups": 2}
+    mixer = cls(128, {**params, "head_dim": 32, "d_state": 32}, layer_idx=0)
+    mixer.init_from_attention(None, cls.init_model())
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mixer = mixer.to(kernel, dtype)
+    u = torch.randn(2, 150, 128, device=kernel).to(dtype)
+    mask = torch.ones(2, 150, dtype=torch.bool, device=kernel)
+    mask[0, :7] = False
+    dout = torch.randn(2, 150, 128, device=kernel).to(dtype)
+    results = {}
+    for backend in ("triton", "reference"):
+        mixer.zero_grad()
+        leaf = u.clone().requires_grad_()
+        with ops.use_backend(backend):
+            out = mixer.mix(leaf, mask)
+        out.backward(dout)
+        results[backend] = {"out": out.detach(), "du": leaf.grad} | {n: p.grad.clone() for n, p in mixer.named_parameters()}
+    errors = {k: rel(results["triton"][k], results["reference"][k]) for k in results["triton"]}
+    bad = {k: v for k, v in errors.items() if not v < TOL[dtype]}
+    assert not bad, f"{name} {dtype}: {bad}"
+
+
+@pytest.mark.parametrize("name", ["discrete_mamba2", "mamba2"])
+def test_cached_decode_on_cuda(kernel: torch.device, name: str) -> None:
+    for layers in (None, [0, 2]):  # fully converted, then hybrid
+        model = naive_student(random_model("llama"), mixer=name, layers=layers, params={"chunk_size": 16}).to(kernel)
+        enable_recurrent_cache(model)
+        ids = torch.randint(3, 300, (2, 37), device=kernel)
+        out = model.generate(
+            ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+        )
+        full = model(out.sequences, use_cache=False).logits
+        assert (torch.stack(out.logits, 1) - full[:, 36:-1]).abs().max() < 1e-4
+    bf16 = naive_student(random_model("llama"), mixer=name).to(kernel, torch.bfloat16)
+    enable_recurrent_cache(bf16)
+    out = bf16.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    full = bf16(out.sequences, use_cache=False).logits.float()
+    got = torch.stack(out.logits, 1).float()
+    assert rel(got, full[:, 36:-1]) < 5e-2
+
+
+def test_fallback_warns_once_and_uses_reference(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.ops import cuda as cuda_ops
+
+    monkeypatch.setattr(cuda_ops, "_KERNEL", None)
+    monkeypatch.setattr(cuda_ops, "_LOAD_ERROR", "ImportError: pretend")
+    monkeypatch.setattr(ops, "_WARNED", False)
+    t = decay_inputs(torch.float32, cuda, L=40)
+    with pytest.warns(RuntimeWarning, match="pretend"):
+        y, _ = ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=16)  # no second warning
+    y_ref, _ = ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=16, backend="reference")
+    assert torch.equal(y, y_ref)

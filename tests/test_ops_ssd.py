@@ -1,0 +1,145 @@
+"""The plain-torch SSD kernels: chunked == naive recurrence == materialised matrix == decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgery import ops
+from surgery.ops import ssd_chunked, ssd_matrix, ssd_naive, ssd_step
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(b=2, L=11, h=4, p=3, n=5, gB=2, gC=4, dtype=F64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "x": torch.randn(b, L, h, p, generator=g, dtype=dtype),
+        "log_a": -torch.rand(b, L, h, generator=g, dtype=dtype) * 1.5,
+        "B": torch.randn(b, L, gB, n, generator=g, dtype=dtype),
+        "C": torch.randn(b, L, gC, n, generator=g, dtype=dtype),
+        "D": torch.randn(h, generator=g, dtype=dtype),
+        "initial_state": torch.randn(b, h, p, n, generator=g, dtype=dtype),
+    }
+    return {k: v.requires_grad_(requires_grad) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 11, 64])
+def test_chunked_equals_naive_any_chunk_size(chunk_size: int) -> None:
+    t = inputs(seed=chunk_size)
+    y_ref, s_ref = ssd_naive(**t)
+    y, s = ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], chunk_size, D=t["D"], initial_state=t["initial_state"])
+    assert rel(y, y_ref) < 1e-10 and rel(s, s_ref) < 1e-10
+
+
+def test_matrix_equals_recurrence() -> None:
+    t = inputs(L=9, seed=1)
+    y_ref, _ = ssd_naive(t["x"], t["log_a"], t["B"], t["C"], D=t["D"])
+    M = ssd_matrix(t["log_a"], t["B"], t["C"], D=t["D"])  # (b, h, L, L)
+    assert M.shape == (2, 4, 9, 9)
+    assert torch.all(M.triu(1) == 0)
+    assert rel(torch.einsum("bhls,bshp->blhp", M, t["x"]), y_ref) < 1e-10
+
+
+def test_matrix_entries_match_formula() -> None:
+    t = inputs(b=1, L=5, h=2, gB=1, gC=2, seed=2)
+    M = ssd_matrix(t["log_a"], t["B"], t["C"])
+    la, B, C = t["log_a"][0], t["B"][0], t["C"][0]
+    h, l, s = 1, 4, 1
+    want = (C[l, h] @ B[s, 0]) * torch.exp(la[s + 1 : l + 1, h].sum())
+    assert abs(M[0, h, l, s].item() - want.item()) < 1e-12
+
+
+def test_steps_equal_full_forward_and_state_continues() -> None:
+    t = inputs(L=10, seed=3)
+    y_full, s_full = ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], 4, D=t["D"])
+    # first 6 tokens chunked, then 4 decoding steps from the state
+    y_a, state = ssd_chunked(t["x"][:, :6], t["log_a"][:, :6], t["B"][:, :6], t["C"][:, :6], 4, D=t["D"])
+    ys = [y_a]
+    for i in range(6, 10):
+        y_t, state = ssd_step(t["x"][:, i], t["log_a"][:, i], t["B"][:, i], t["C"][:, i], D=t["D"], state=state)
+        ys.append(y_t[:, None])
+    assert rel(torch.cat(ys, 1), y_full) < 1e-10 and rel(state, s_full) < 1e-10
+
+
+def test_split_sequence_with_initial_state() -> None:
+    t = inputs(L=12, seed=4)
+    y_full, s_full = ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], 5)
+    y1, s1 = ssd_chunked(t["x"][:, :7], t["log_a"][:, :7], t["B"][:, :7], t["C"][:, :7], 5)
+    y2, s2 = ssd_chunked(t["x"][:, 7:], t["log_a"][:, 7:], t["B"][:, 7:], t["C"][:, 7:], 5, initial_state=s1)
+    assert rel(torch.cat([y1, y2], 1), y_full) < 1e-10 and rel(s2, s_full) < 1e-10
+
+
+def test_gradcheck_chunked() -> None:
+    t = inputs(b=1, L=5, h=2, p=2, n=3, gB=1, gC=2, seed=5, requires_grad=True)
+
+    def f(x, log_a, B, C, D, s0):
+        y, s = ssd_chunked(x, log_a, B, C, 2, D=D, initial_state=s0)
+        return y, s
+
+    assert torch.autograd.gradcheck(f, tuple(t.values()), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_gradcheck_matrix() -> None:
+    t = inputs(b=1, L=4, h=2, p=2, n=3, gB=2, gC=1, seed=6, requires_grad=True)
+    f = lambda a, B, C, D: ssd_matrix(a, B, C, D=D)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (t["log_a"], t["B"], t["C"], t["D"]), fast_mode=True)
+
+
+def test_dt_form_matches_decay_form() -> None:
+    t = inputs(seed=7)
+    g = torch.Generator().manual_seed(8)
+    dt = torch.nn.functional.softplus(torch.randn(2, 11, 4, generator=g, dtype=F64))
+    A = -torch.rand(4, generator=g, dtype=F64) * 2
+    y, s = ops.ssd_dt(t["x"], dt, A, t["B"], t["C"], chunk_size=4, D=t["D"], initial_state=t["initial_state"])
+    y_ref, s_ref = ssd_naive(t["x"] * dt[..., None], dt * A, t["B"], t["C"], initial_state=t["initial_state"])
+    y_ref = y_ref + t["x"] * t["D"][:, None]
+    assert rel(y, y_ref) < 1e-10 and rel(s, s_ref) < 1e-10
+    M = ssd_matrix(dt * A, t["B"], t["C"], D=t["D"], input_scale=dt)
+    y0, _ = ops.ssd_dt(t["x"], dt, A, t["B"], t["C"], chunk_size=4, D=t["D"])
+    assert rel(torch.einsum("bhls,bshp->blhp", M, t["x"]), y0) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_close_to_float64(dtype: torch.dtype) -> None:
+    t = inputs(L=40, seed=9)
+    y64, _ = ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], 16, D=t["D"])
+    low = {k: v.to(dtype) for k, v in t.items()}
+    y, s = ssd_chunked(low["x"], low["log_a"], low["B"], low["C"], 16, D=low["D"])
+    assert y.dtype == dtype and s.dtype == torch.float32
+    assert rel(y, y64) < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_entry_point_cpu_uses_reference_and_checks_backend() -> None:
+    t = inputs(seed=10)
+    y, _ = ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, D=t["D"])
+    y_ref, _ = ssd_naive(t["x"], t["log_a"], t["B"], t["C"], D=t["D"])
+    assert rel(y, y_ref) < 1e-10
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, backend="fast")  # type: ignore[arg-type]
+    assert not ops.kernel_available("cpu")
+
+
+def test_shape_errors_are_clear() -> None:
+    t = inputs()
+    with pytest.raises(ValueError, match="log_a"):
+        ssd_chunked(t["x"], t["log_a"][:, :-1], t["B"], t["C"], 4)
+    with pytest.raises(ValueError, match="B has shape"):
+        ssd_chunked(t["x"], t["log_a"], t["B"][..., :1, :].expand(2, 11, 3, 5), t["C"], 4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], 0)
+
+
+def test_segsum() -> None:
+    a = torch.randn(6, dtype=F64)
+    S = ops.segsum(a)
+    for i in range(6):
+        for j in range(6):
+            want = a[j + 1 : i + 1].sum().item() if i >= j else float("-inf")
+            assert S[i, j].item() == pytest.approx(want, abs=1e-12)
