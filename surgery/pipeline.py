@@ -87,7 +87,7 @@ class Run:
             raise SurgeryError(f"nothing to resume: no checkpoint in {self.work}; run without --resume")
 
     def setup(self) -> None:
-        from .data import Corpus, heldout_batches, tokens_needed
+        from .data import Corpus, heldout_batches
         from .rewriter import rewrite
         from .teacher import load_teacher
 
@@ -98,8 +98,7 @@ class Run:
         self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device))
         self.student, self.plan = rewrite(self.teacher.model, r.replace)
         self.nodes = replaced_nodes(self.student)
-        self.corpus = Corpus.build(r.data, self.teacher.tokenizer, seed=r.data_seed, max_tokens=tokens_needed(r),
-                                   progress=True)
+        self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=True)
         self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
                                        batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
         s1_tokens = r.verify.stage1_tokens or r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)
@@ -166,7 +165,7 @@ class Run:
             if not self.nodes and s in (1, 2):
                 raise SurgeryError(f"stage {s} needs replaced nodes but the recipe replaces none; disable it")
             seq_len = r.seq_len(s)
-            stream = BatchStream(self.corpus.train_tokens, seq_len=seq_len, batch_size=cfg.micro_batch,
+            stream = BatchStream(self.corpus.train, seq_len=seq_len, batch_size=cfg.micro_batch,
                                  seed=r.data_seed * 1009 + s)
             runner = StageRunner(
                 s, cfg, make_objective(s, r, self.teacher.model, self.student, self.nodes), stream,

@@ -437,6 +437,19 @@ def _check_path(parts: list[str]) -> None:
             raise RecipeError(f"override {'.'.join(parts)}: {'.'.join(walked)} is a value, not a section")
 
 
+def _parse_value(text: str) -> Any:
+    """An override's value as YAML, except text YAML would turn into a mapping by accident (``1:``)."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, dict) and not text.lstrip().startswith("{"):
+        return text
+    return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides; values are YAML (``3``, ``true``, ``[0, 2]``, ``null``)."""
     import copy
@@ -448,10 +461,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, _, text = item.partition("=")
         parts = _parse_path(path.strip())
         _check_path(parts)
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+        value = _parse_value(text)
         node: Any = raw
         for j, part in enumerate(parts[:-1]):
             if isinstance(node, list):
@@ -506,10 +516,34 @@ def _known_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|list\[.*\]|dict\[.*\]|tuple\[.*\])$")
+_TAG_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false", "none": "null"}
+
+
+def _union_tag(e: dict[str, Any]) -> str | None:
+    last = e["loc"][-1] if e["loc"] else None
+    return last if isinstance(last, str) and _UNION_TAG.match(last) else None
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One readable message: each problem with its field path and what was expected."""
     lines = []
-    for e in err.errors(include_url=False):
+    unions: dict[tuple[Any, ...], list[str]] = {}
+    errors = err.errors(include_url=False)
+    for e in errors:
+        tag = _union_tag(e)
+        if tag is not None:
+            unions.setdefault(tuple(e["loc"][:-1]), []).append(tag)
+    reported: set[tuple[Any, ...]] = set()
+    for e in errors:
+        if _union_tag(e) is not None:
+            key = tuple(e["loc"][:-1])
+            if key in reported:
+                continue
+            reported.add(key)
+            kinds = " or ".join(_TAG_WORDS.get(t, t.replace("list[int]", "a list of integers")) for t in unions[key])
+            lines.append(f"{_loc(key)}: expected {kinds} (got {e.get('input')!r})")
+            continue
         loc = _loc(e["loc"])
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
