@@ -89,12 +89,14 @@ def run_teacher(
     attention_paths: list[str] = (),  # type: ignore[assignment]
     block_paths: list[str] = (),  # type: ignore[assignment]
     keep_logits: bool = False,
-    eager: bool = False,
 ) -> TeacherPass:
-    """One teacher forward recording the calls stages 1/2 need (``eager`` for attention probabilities)."""
+    """One teacher forward recording the calls stages 1/2 need.
+
+    For attention probabilities, call it inside :func:`eager_attention` and replay the recorded
+    attention calls inside the same context.
+    """
     result = TeacherPass()
-    ctx = eager_attention(teacher) if eager else _null()
-    with ctx, record_calls(teacher, list(attention_paths), outputs=True) as attn, record_calls(
+    with record_calls(teacher, list(attention_paths), outputs=True) as attn, record_calls(
         teacher, list(block_paths), outputs=True
     ) as blocks:
         out = teacher(input_ids=input_ids, use_cache=False)
@@ -103,7 +105,3 @@ def run_teacher(
         result.logits = out.logits
     return result
 
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield

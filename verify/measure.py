@@ -20,7 +20,7 @@ from surgery.errors import TrainingError
 from surgery.log import progress
 from surgery.runtime import autocast
 
-from .capture import run_teacher
+from .capture import eager_attention, run_teacher
 from .objective import Node
 from .stage1_matrix import check_heads, node_distance
 from .stage2_hidden import unit_distance
@@ -86,9 +86,11 @@ def measure(
         ids = cpu_batch.to(device)
         with autocast(precision, device):
             if with_stage1 and i < stage1_batches:
-                recorded = run_teacher(teacher, ids, attention_paths=[n.path for n in nodes], eager=True)
-                for node in nodes:
-                    s1_sums[node.path] += node_distance(teacher, student, node, recorded.attention[node.path]).mean().item()
+                with eager_attention(teacher):
+                    recorded = run_teacher(teacher, ids, attention_paths=[n.path for n in nodes])
+                    for node in nodes:
+                        call = recorded.attention[node.path]
+                        s1_sums[node.path] += node_distance(teacher, student, node, call).mean().item()
                 n_s1 += 1
                 del recorded
             recorded = run_teacher(teacher, ids, block_paths=[n.block for n in nodes], keep_logits=True)

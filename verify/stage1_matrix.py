@@ -16,7 +16,7 @@ from torch import nn
 from surgery.errors import TrainingError
 from surgery.mixers.base import Mixer
 
-from .capture import Call, run_teacher
+from .capture import Call, eager_attention, run_teacher
 from .objective import Node, Objective
 
 
@@ -27,7 +27,10 @@ def matrix_distance(student_matrix: torch.Tensor, teacher_probs: torch.Tensor) -
 
 @torch.no_grad()
 def teacher_probs(teacher: nn.Module, path: str, call: Call) -> torch.Tensor:
-    """Replay a recorded (eager) attention call and return its probabilities ``(b, h, L, L)``."""
+    """Replay a recorded attention call and return its probabilities ``(b, h, L, L)``.
+
+    Both the recording and the replay must run inside :func:`~verify.capture.eager_attention`.
+    """
     _, probs = call.replay(teacher.get_submodule(path))
     if probs is None:
         raise TrainingError(f"{path}: the teacher attention returned no probabilities (eager attention is required)")
@@ -72,10 +75,11 @@ class MatrixOrientation(Objective):
         return out
 
     def train_step(self, input_ids: torch.Tensor, scale: float) -> dict[str, float]:
-        recorded = run_teacher(self.teacher, input_ids, attention_paths=[n.path for n in self.nodes], eager=True)
         total = 0.0
-        for node in self.nodes:
-            loss = node_distance(self.teacher, self.student, node, recorded.attention[node.path]).mean()
-            (loss * scale / len(self.nodes)).backward()
-            total += loss.item()
+        with eager_attention(self.teacher):  # recorded calls are replayed with the same (eager) masks
+            recorded = run_teacher(self.teacher, input_ids, attention_paths=[n.path for n in self.nodes])
+            for node in self.nodes:
+                loss = node_distance(self.teacher, self.student, node, recorded.attention[node.path]).mean()
+                (loss * scale / len(self.nodes)).backward()
+                total += loss.item()
         return {"loss": total / len(self.nodes)}
