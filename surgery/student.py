@@ -843,7 +843,7 @@ def _build(config: dict[str, Any], section: dict[str, Any], path: Path, device: 
     if model_type not in CONFIG_MAPPING:
         raise StudentError(f"{path / CONFIG}: model_type {model_type!r} is not a family this transformers "
                            f"({_version('transformers')}) knows{suggest(model_type, CONFIG_MAPPING.keys())}; "
-                           "install the transformers version recorded in provenance.json")
+                           "restore config.json, or install the transformers version recorded in provenance.json")
     try:
         hf_config = CONFIG_MAPPING[model_type].from_dict(dict(config))
     except Exception as err:  # noqa: BLE001 - any config error has the same fix
@@ -860,32 +860,21 @@ def _build(config: dict[str, Any], section: dict[str, Any], path: Path, device: 
     arch = section.get("architecture")
     if arch and type(model).__name__ != arch:
         log.warning("%s records architecture %s; built %s", path / CONFIG, arch, type(model).__name__)
-    nodes = section["nodes"]
-    try:
-        with no_init_weights():
-            splice(model, nodes)
-    except (KeyError, SurgeryError, ValidationError, ValueError, TypeError) as err:
-        which = _failing_node(err, nodes)
-        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        if isinstance(err, ValidationError):
-            text = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_url=False))
-        raise StudentError(f"{path / CONFIG}: surgery.nodes{which} cannot be rebuilt: {text}; {_FIX_CONFIG}") from None
+    for i, node in enumerate(section["nodes"]):  # one node at a time, so an error names its node
+        try:
+            with no_init_weights():
+                splice(model, [node])
+        except (KeyError, SurgeryError, ValidationError, ValueError, TypeError) as err:
+            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            if isinstance(err, ValidationError):
+                text = "; ".join(
+                    (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+                    for e in err.errors(include_url=False)
+                )
+            text = text.replace(f"surgery.nodes[0]: ", "")
+            raise StudentError(f"{path / CONFIG}: surgery.nodes[{i}] ({node.get('path')}) cannot be rebuilt: {text}; "
+                               f"{_FIX_CONFIG}") from None
     return model
-
-
-def _failing_node(err: Exception, nodes: list[dict[str, Any]]) -> str:
-    """``[i] (path)`` of the node an error from splice is about (best effort)."""
-    from rewrites.registry import RULES, _load_builtin_rules
-
-    from .mixers import MIXERS
-
-    _load_builtin_rules()
-    for i, node in enumerate(nodes):
-        rule_ok = node.get("rule") in RULES
-        mixer_ok = node.get("mixer") is None or node.get("mixer") in MIXERS
-        if not rule_ok or not mixer_ok or node.get("path", "") in str(err):
-            return f"[{i}] ({node.get('path')})"
-    return ""
 
 
 def validate(path: str | Path, *, tokenizer: bool = True, checksums: bool = False) -> StudentInfo:
@@ -1002,11 +991,11 @@ class LoadedModel:
 def load_model_ref(ref: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
     """A student directory (config.json with a surgery section) or any teacher reference
     (``builtin:smollm2-135m``, ``random:llama``, a local Hugging Face directory, a hub id)."""
-    from .teacher import load_teacher
-
     path = Path(ref).expanduser()
     if is_student_dir(path) or (path.is_dir() and not (path / CONFIG).exists() and (path / WEIGHTS).exists()):
         model = load(path, device=device, dtype=dtype)
         return LoadedModel(model, load_tokenizer(path), "student", ref)
+    from .teacher import load_teacher  # only for teacher references (its import is the slow part of a CLI start)
+
     teacher = load_teacher(ref, device=device, dtype=dtype, progress=False)
     return LoadedModel(teacher.model, teacher.tokenizer, "teacher", ref)

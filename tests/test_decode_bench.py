@@ -1,0 +1,24 @@
+"""Smoke test of bench/decode.py in its CPU mode (no speed assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def test_decode_bench_cpu_smoke(capsys) -> None:
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--cpu", "--teacher", "random:llama", "--contexts", "16,48", "--batches", "1,2",
+                        "--steps", "2", "--warmup", "1"])
+    assert len(rows) == 8 and not any("error" in r for r in rows)
+    assert {r["cache"] for r in rows if r["model"] == "student"} == {"SurgeryCache"}
+    state = {(r["model"], r["batch"], r["context"]): r["state_bytes"] for r in rows}
+    for b in (1, 2):
+        assert state[("student", b, 16)] == state[("student", b, 48)] > 0  # constant in the context
+        assert state[("teacher", b, 48)] > state[("teacher", b, 16)]  # the KV cache grows
+    assert state[("student", 2, 16)] == 2 * state[("student", 1, 16)]
+    out = capsys.readouterr().out
+    assert "| model | batch | context |" in out and "vs teacher" in out
