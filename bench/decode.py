@@ -14,7 +14,8 @@ batch and context: a prefill of ``context`` random tokens (``logits_to_keep=1``)
 past_key_values=cache)`` (what ``generate`` does per token, without its bookkeeping). Columns:
 
 * ``ms/token``   -- decode time per step (CUDA events on GPU, perf_counter on CPU); ``tok/s`` = batch / that,
-* ``decode peak`` -- ``torch.cuda.max_memory_allocated`` during the decode steps (weights included; GPU only),
+* ``prefill peak`` / ``decode peak`` -- ``torch.cuda.max_memory_allocated`` during the prefill / the timed
+  decode steps (weights and cache included; GPU only),
 * ``state``      -- bytes held by the cache after decoding (KV for the teacher, SSM + conv state for the student),
 * ``vs teacher`` -- teacher ms/token / this row's ms/token (> 1: faster than the teacher).
 
@@ -27,7 +28,6 @@ grows every step, which a captured graph cannot follow. A row that fails prints 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -150,9 +150,12 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     kw = _forward_kwargs(model)
     timer = Timer(device)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     timer.start()
     out = model(ids, use_cache=True, **kw)
     prefill_ms = timer.stop()
+    prefill_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     cache = out.past_key_values
     nxt = out.logits[:, -1:].argmax(-1)  # (b, 1)
     del out
@@ -169,60 +172,77 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
            "tokens_per_s": batch * 1e3 / ms, "state_bytes": cache_bytes(cache), "cache": type(cache).__name__}
     if device.type == "cuda":
         row["decode_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        row["prefill_peak_bytes"] = prefill_peak
     if args.cuda_graph and hasattr(model, "new_surgery_cache"):
         row.update(graph_decode(model, cache, nxt, args))
     del cache
     return row
 
 
-def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    """Time a CUDA-graph-captured decode step of a fully converted student (see the module docstring)."""
-    from surgery.cache import SSMCacheLayer
+class StaticDecoder:
+    """One greedy decode step of a fully converted student over static buffers (what a CUDA graph needs).
 
-    try:
-        slots = list(cache.layers)
-        if not all(isinstance(s, SSMCacheLayer) for s in slots):
+    The next token ``ids (b, 1)`` and every mixer's SSM and conv state live in tensors allocated
+    once; :meth:`step` points the cache's slots at them, runs the model's own forward (the HF
+    decoder with the recurrent cache) and copies the new state and the argmax token back in place.
+    Position ids the forward derives from the cache's Python-side length are baked into a capture,
+    which is harmless here: no kept attention layer reads them. Runs eagerly on any device
+    (tested on CPU against ordinary decoding); :func:`graph_decode` captures it.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: Any, nxt: torch.Tensor) -> None:
+        from surgery.cache import SSMCacheLayer
+
+        self.slots = list(cache.layers)
+        if not self.slots or not all(isinstance(s, SSMCacheLayer) for s in self.slots):
             raise NotImplementedError("the student keeps attention layers (their KV cache grows each step)")
+        self.model, self.cache, self.kw = model, cache, _forward_kwargs(model)
+        self.ids = nxt.clone()  # (b, 1)
+        self.states = [(s.recurrent_states[0].clone(), None if s.conv_states[0] is None else s.conv_states[0].clone())
+                       for s in self.slots]  # per layer: ssm (b, h, p, n), conv (b, channels, k-1)
+
+    def step(self) -> torch.Tensor:
+        """Advance one token in place; returns the logits ``(b, 1, V)``."""
+        for slot, (ssm, conv) in zip(self.slots, self.states):  # the cache reads the static buffers ...
+            slot.recurrent_states[0] = ssm
+            slot.conv_states[0] = conv
+        logits = self.model(self.ids, past_key_values=self.cache, use_cache=True, **self.kw).logits
+        for slot, (ssm, conv) in zip(self.slots, self.states):  # ... and the new state goes back into them
+            ssm.copy_(slot.recurrent_states[0])
+            if conv is not None:
+                conv.copy_(slot.conv_states[0])
+        self.ids.copy_(logits[:, -1:].argmax(-1))
+        return logits
+
+    def snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+        return [(a.clone(), None if c is None else c.clone()) for a, c in self.states], self.ids.clone()
+
+    def restore(self, snap: tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]) -> None:
+        for (a, c), (sa, sc) in zip(self.states, snap[0]):
+            a.copy_(sa)
+            if c is not None:
+                c.copy_(sc)
+        self.ids.copy_(snap[1])
+
+
+def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Time a CUDA-graph-captured :class:`StaticDecoder` step; its first replay is checked against an eager step."""
+    try:
         device = args.device
-        # static buffers the graph reads and writes: next token, per-layer SSM and conv state
-        kw = _forward_kwargs(model)
-        static_ids = nxt.clone()  # (b, 1)
-        states = [(s.recurrent_states[0].clone(), s.conv_states[0].clone() if s.conv_states[0] is not None else None)
-                  for s in slots]
-
-        def step() -> torch.Tensor:
-            for slot, (ssm, conv) in zip(slots, states):  # the cache reads the static buffers ...
-                slot.recurrent_states[0] = ssm
-                slot.conv_states[0] = conv
-            logits = model(static_ids, past_key_values=cache, use_cache=True, **kw).logits  # (b, 1, V)
-            for slot, (ssm, conv) in zip(slots, states):  # ... and the new state goes back into them
-                ssm.copy_(slot.recurrent_states[0])
-                if conv is not None:
-                    conv.copy_(slot.conv_states[0])
-            static_ids.copy_(logits[:, -1:].argmax(-1))
-            return logits
-
-        snapshot = [(a.clone(), None if c is None else c.clone()) for a, c in states], static_ids.clone()
-
-        def restore() -> None:
-            for (a, c), (sa, sc) in zip(states, snapshot[0]):
-                a.copy_(sa)
-                if c is not None:
-                    c.copy_(sc)
-            static_ids.copy_(snapshot[1])
-
-        side = torch.cuda.Stream(device)
+        dec = StaticDecoder(model, cache, nxt)
+        side = torch.cuda.Stream(device)  # warm up on a side stream before capturing (CUDA graph rules)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                step()
+                dec.step()
         torch.cuda.current_stream(device).wait_stream(side)
+        snap = dec.snapshot()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = step()
-        restore()
-        reference = step().float().clone()  # eager, from the snapshot
-        restore()
+        with torch.cuda.graph(graph):  # records kernels; nothing runs, the static buffers keep `snap`
+            static_logits = dec.step()
+        dec.restore(snap)
+        reference = dec.step().float().clone()  # eager, from the snapshot
+        dec.restore(snap)
         graph.replay()
         diff = (static_logits.float() - reference).abs().max().item()
         for _ in range(args.warmup):
@@ -268,12 +288,14 @@ def run(args: argparse.Namespace, report: Callable[[str], None] = print) -> list
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gpu = args.device.type == "cuda"
-    head = ["model", "batch", "context", "prefill ms", "ms/token", "tok/s", "decode peak MiB", "state MiB", "vs teacher"]
+    head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
+            "state MiB", "vs teacher"]
     if args.cuda_graph:
         head += ["graph ms/token", "graph vs teacher", "graph max|diff|"]
-    lines = [f"device {args.device} ({torch.cuda.get_device_name(args.device) if gpu else 'cpu'}), dtype "
+    title = (f"device {args.device} ({torch.cuda.get_device_name(args.device) if gpu else 'cpu'}), dtype "
              f"{str(args.dtype).removeprefix('torch.')}, teacher {args.teacher}, student "
-             f"{args.student or 'all attention -> ' + args.mixer + ' (untrained)'}, {args.steps} timed steps", "",
+             f"{args.student or 'all attention -> ' + args.mixer + ' (untrained)'}, {args.steps} timed steps")
+    lines = [title, "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     teacher_ms: dict[tuple[int, int], float] = {}
     for r in rows:
@@ -283,8 +305,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             cells = [r["model"], str(r["batch"]), str(r["context"]), r["error"]] + [""] * (len(head) - 4)
         else:
             ratio = r.get("vs_teacher")
-            cells = [r["model"], str(r["batch"]), str(r["context"]), f"{r['prefill_ms']:.1f}", f"{r['ms_per_token']:.2f}",
-                     f"{r['tokens_per_s']:.0f}", _mib(r.get("decode_peak_bytes")) if gpu else "n/a",
+            cells = [r["model"], str(r["batch"]), str(r["context"]), f"{r['prefill_ms']:.1f}",
+                     _mib(r.get("prefill_peak_bytes")), f"{r['ms_per_token']:.2f}",
+                     f"{r['tokens_per_s']:.0f}", _mib(r.get("decode_peak_bytes")),
                      _mib(r["state_bytes"]), f"{ratio:.2f}x" if ratio else ""]
             if args.cuda_graph:
                 if "graph_ms_per_token" in r:

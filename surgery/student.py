@@ -43,6 +43,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -303,11 +304,12 @@ def _git_revision() -> dict[str, Any] | None:
     if not (root / ".git").exists():
         return None
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             check=False)
         if rev.returncode != 0:
             return None
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=5)
+                                capture_output=True, text=True, timeout=5, check=False)
         return {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
         return None
@@ -377,7 +379,7 @@ def _fmt(x: Any) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
-        return "n/a" if x != x else f"{x:.4g}"
+        return "n/a" if math.isnan(x) else f"{x:.4g}"
     return str(x)
 
 
@@ -434,8 +436,8 @@ def model_card(
         lines += ["", "## Held-out metrics", "", "| model | perplexity | top-1 agreement with the teacher |",
                   "| --- | --- | --- |",
                   f"| teacher | {_fmt(ppl.get('teacher'))} | 1 |",
-                  f"| student, weight transfer only | {_fmt(ppl.get('student_transfer_only'))} | "
-                  f"{_fmt(top1.get('student_transfer_only'))} |",
+                  (f"| student, weight transfer only | {_fmt(ppl.get('student_transfer_only'))} | "
+                   f"{_fmt(top1.get('student_transfer_only'))} |"),
                   f"| student, final | {_fmt(ppl.get('student_final'))} | {_fmt(top1.get('student_final'))} |",
                   "", f"On {report.get('heldout_tokens', 'n/a')} held-out tokens; details in `report.md` / `report.json`."]
     lines += ["", "## How to use", "", "```python", "import surgery", "from surgery.student import load_tokenizer", "",
@@ -446,8 +448,8 @@ def model_card(
               "print(tokenizer.decode(out[0]))", "```", "",
               "```bash", 'surgery generate path/to/this/directory "def fibonacci(n):" --max-new-tokens 64',
               "surgery eval path/to/this/directory --data builtin:python-docs", "```", "",
-              "Load it with `surgery.load`: `transformers.AutoModelForCausalLM.from_pretrained` would build the "
-              "teacher's attention layers, not the mixers.", ""]
+              ("Load it with `surgery.load`: `transformers.AutoModelForCausalLM.from_pretrained` would build the "
+               "teacher's attention layers, not the mixers."), ""]
     lines += ["## License and provenance", ""]
     if license_:
         lines.append(f"The weights derive from the teacher `{teacher_ref}`, whose license is **{license_}**; "
@@ -457,8 +459,8 @@ def model_card(
     else:
         lines.append(f"The weights derive from the teacher `{teacher_ref}`; its license was not recorded here. "
                      "Check the teacher's license before you distribute this student.")
-    lines += ["", "`provenance.json` records the package versions, seed, git revision, teacher, token counts and "
-              "the command that made this directory; `recipe.resolved.yaml` the full recipe.", ""]
+    lines += ["", ("`provenance.json` records the package versions, seed, git revision, teacher, token counts and "
+                   "the command that made this directory; `recipe.resolved.yaml` the full recipe."), ""]
     return "\n".join(lines)
 
 
@@ -748,7 +750,7 @@ def _header(path: Path, files: list[str], weight_map: dict[str, str] | None) -> 
     found: dict[str, tuple[str, tuple[int, ...], torch.dtype]] = {}
     with _open_weights(path, files, "cpu") as handles:
         for f, h in handles.items():
-            for name in h.keys():
+            for name in h.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 if name in found:
                     raise StudentError(f"tensor {name} is stored twice ({found[name][0]} and {f}); copy the directory again")
                 sl = h.get_slice(name)
@@ -834,8 +836,11 @@ def _check_tensors(
 def _build(config: dict[str, Any], section: dict[str, Any], path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The family's causal LM from the config (no random init) with the mixers spliced in."""
     from pydantic import ValidationError
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
-    from transformers.initialization import no_init_weights
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
 
     from .rewriter import splice
 
@@ -871,7 +876,7 @@ def _build(config: dict[str, Any], section: dict[str, Any], path: Path, device: 
                     (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
                     for e in err.errors(include_url=False)
                 )
-            text = text.replace(f"surgery.nodes[0]: ", "")
+            text = text.replace("surgery.nodes[0]: ", "")
             raise StudentError(f"{path / CONFIG}: surgery.nodes[{i}] ({node.get('path')}) cannot be rebuilt: {text}; "
                                f"{_FIX_CONFIG}") from None
     return model
@@ -931,8 +936,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     to_load = _check_tensors(path, model, found, section)
     targets = {name: (target, want) for name, target, want in to_load}
     with _open_weights(path, files, "cpu") as handles, torch.no_grad():
-        for f, h in handles.items():
-            for name in h.keys():
+        for h in handles.values():
+            for name in h.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 target, want = targets[name]
                 tensor = h.get_tensor(name)
                 if target.dtype != want:  # stored in another dtype than the rest (surgery.dtypes)

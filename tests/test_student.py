@@ -172,7 +172,7 @@ def test_save_refuses_existing_and_plan_mismatch(tmp_path: Path) -> None:
     with pytest.raises(StudentError, match="already exists; pass overwrite=True"):
         save(student, tmp_path / "s", tokenizer=teacher.tokenizer, plan=plan)
     save(student, tmp_path / "s", tokenizer=teacher.tokenizer, plan=plan, overwrite=True)
-    _, other, other_plan = make_student("llama", [{"mixer": "discrete_mamba2", "layers": [0]}])
+    _, _, other_plan = make_student("llama", [{"mixer": "discrete_mamba2", "layers": [0]}])
     with pytest.raises(StudentError, match="pass the plan returned together with this student"):
         save(student, tmp_path / "t", tokenizer=teacher.tokenizer, plan=other_plan)
     assert not (tmp_path / "t").exists()  # nothing half-written

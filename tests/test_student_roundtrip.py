@@ -47,7 +47,7 @@ FRESH = textwrap.dedent(
     from safetensors.torch import load_file, save_file
     from surgery.cache import SurgeryCache
 
-    dirs, ids_path, out_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dirs, ids_path, out_path, NEW = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     ids = load_file(ids_path)["ids"]
     out = {}
     for name, d in dirs.items():
@@ -55,12 +55,12 @@ FRESH = textwrap.dedent(
         assert not model.training
         with torch.no_grad():
             out[name + ".logits"] = model(ids, use_cache=False).logits
-            gen = model.generate(ids, max_new_tokens=%d, do_sample=False, return_dict_in_generate=True)
+            gen = model.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
         assert isinstance(gen.past_key_values, SurgeryCache), type(gen.past_key_values)
         out[name + ".generated"] = gen.sequences
     assert "surgery.teacher" not in sys.modules, "loading a student must not touch teacher code"
     save_file(out, out_path)
-    """ % NEW
+    """
 )
 
 
@@ -91,7 +91,7 @@ def test_apply_then_fresh_process_load_is_identical(tmp_path: Path) -> None:
     save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", FRESH, json.dumps(dirs), str(tmp_path / "ids.safetensors"),
-                           str(tmp_path / "got.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+                           str(tmp_path / "got.safetensors"), str(NEW)], capture_output=True, check=False, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_file(str(tmp_path / "got.safetensors"))
     for key, value in expected.items():
