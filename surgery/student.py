@@ -389,7 +389,7 @@ def _seconds(x: Any) -> str:
 
 def model_card(
     *, name: str, nodes: list[dict[str, Any]], plan: Any, recipe: Any, teacher_ref: str | None, report: dict | None,
-    license_: str | None, family: str, architecture: str,
+    license_: str | None, family: str, architecture: str, base_model: str | None = None,
 ) -> str:
     """The generated ``README.md``."""
     replaced = [n for n in nodes if n.get("mixer")]
@@ -397,6 +397,8 @@ def model_card(
     entries = {e.path: e for e in plan.entries} if plan is not None else {}
     n_attention = len(plan.entries) if plan is not None else None
     lines = ["---", "library_name: surgery", f"license: {license_ or 'other'}"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
     lines += ["tags:", "- surgery", "- state-space-model", "- mamba2", "- mohawk", "- distillation", "---", ""]
     lines += [f"# {name}", ""]
     lines.append(
@@ -547,7 +549,8 @@ def save_student(
     (directory / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
     name = (getattr(recipe, "name", None) if recipe is not None else None) or f"{family}-surgery-student"
     card = model_card(name=name, nodes=nodes, plan=plan, recipe=recipe, teacher_ref=teacher_ref, report=report,
-                      license_=_teacher_license(teacher), family=family, architecture=base.__name__)
+                      license_=_teacher_license(teacher), family=family, architecture=base.__name__,
+                      base_model=teacher.source if getattr(teacher, "details", {}).get("kind") == "hub" else None)
     (directory / CARD).write_text(card, encoding="utf-8")
     validate(directory, tokenizer=tokenizer is not None)
 
@@ -915,10 +918,18 @@ def _check_checksums(path: Path, files: list[str]) -> None:
                                "copy it again from the original output")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> nn.Module:
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    *,
+    attn_implementation: str | None = None,
+) -> nn.Module:
     """Load a student directory as a ``PreTrainedModel`` (eval mode) on ``device``.
 
-    ``dtype``: None keeps the saved dtypes; else every floating tensor is cast after loading.
+    ``dtype``: None keeps the saved dtypes; else the model is built in ``dtype`` and every floating
+    tensor is cast while it is copied in (no second copy of the model). ``attn_implementation``
+    (kept attention layers only): None uses the one recorded at save time.
     ``model.generate`` uses the recurrent :class:`~surgery.cache.SurgeryCache`. The tokenizer:
     :func:`load_tokenizer`. Raises :class:`StudentError` for a missing, incomplete or tampered directory.
     """
@@ -932,17 +943,20 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     files, weight_map = _weight_files(path)
     found = _header(path, files, weight_map)
     saved_dtype = _dtype_from_name(section.get("dtype", "float32"), f"{path / CONFIG}: surgery.dtype")
-    model = _build(config, section, path, device, saved_dtype)
+    if attn_implementation is not None:
+        section = {**section, "attn_implementation": attn_implementation}
+    model = _build(config, section, path, device, dtype or saved_dtype)
     to_load = _check_tensors(path, model, found, section)
     targets = {name: (target, want) for name, target, want in to_load}
     with _open_weights(path, files, "cpu") as handles, torch.no_grad():
         for h in handles.values():
             for name in h.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 target, want = targets[name]
-                tensor = h.get_tensor(name)
-                if target.dtype != want:  # stored in another dtype than the rest (surgery.dtypes)
-                    target.data = torch.empty_like(target, dtype=want)
-                target.copy_(tensor)
+                tensor = h.get_tensor(name)  # checked: shape, and dtype == want
+                final = dtype if dtype is not None and tensor.is_floating_point() else want
+                if target.dtype != final:  # stored in another dtype than the rest (surgery.dtypes)
+                    target.data = torch.empty_like(target, dtype=final)
+                target.copy_(tensor)  # casts to the requested dtype
     gen_path = path / GENERATION_CONFIG
     if gen_path.is_file():
         from transformers import GenerationConfig
@@ -951,8 +965,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         except Exception as err:  # noqa: BLE001
             raise StudentError(f"{gen_path} is unreadable ({err}); delete it to use the defaults, or copy it again") from None
-    if dtype is not None:
-        model.to(dtype=dtype)
     model.config.surgery = section  # config.to_dict() / save_pretrained keep the section
     model.config._name_or_path = str(path)
     model.name_or_path = str(path)

@@ -131,6 +131,20 @@ def test_bf16_student_and_dtype_on_load(tmp_path: Path) -> None:
     assert torch.equal(logits(student, ids()), logits(loaded, ids()))
     as_f32 = load(tmp_path / "s", dtype="float32")
     assert {p.dtype for p in as_f32.parameters()} == {torch.float32}
+    assert torch.equal(as_f32.model.norm.weight, student.model.norm.weight.float())
+
+
+def test_load_casts_and_overrides_attention(tmp_path: Path) -> None:
+    rules = [{"mixer": "discrete_mamba2", "layers": [0, 1], "params": {"d_state": 16}}]  # layers 2, 3 keep attention
+    teacher, student, plan = make_student("llama", rules)
+    save(student, tmp_path / "s", tokenizer=teacher.tokenizer, plan=plan)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["surgery"]["attn_implementation"] == "eager"
+    half = load(tmp_path / "s", dtype=torch.bfloat16, attn_implementation="sdpa")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.config._attn_implementation == "sdpa"
+    assert torch.equal(half.model.layers[0].self_attn.B_proj.weight, student.model.layers[0].self_attn.B_proj.weight.bfloat16())
+    diff = (logits(half, ids()).float() - logits(student, ids())).abs().max().item()
+    assert diff < 0.05  # bf16 rounding only
 
 
 def test_mixed_dtype_tensor_recorded(tmp_path: Path) -> None:
