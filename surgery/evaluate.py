@@ -8,6 +8,7 @@ the fraction of positions where two models' most likely next tokens agree.
     perplexity(teacher.model, batches)                     # e.g. 17.3
     top1_agreement(teacher.model, student, batches)        # e.g. 0.62
     english_perplexity(teacher.model, teacher.tokenizer)   # sanity check on builtin English prose
+    evaluate_reference("runs/tiny", EvalOptions(data="builtin:python-docs"))   # ``surgery eval``: a dict
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["english_perplexity", "mean_nll", "perplexity", "top1_agreement"]
+__all__ = ["english_perplexity", "evaluate_reference", "heldout_for_eval", "mean_nll", "perplexity", "top1_agreement"]
 
 
 def _device_of(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -140,3 +141,90 @@ def english_perplexity(
     corpus = Corpus.build(cfg, tokenizer, seed=seed, max_tokens=seq_len, heldout_tokens=tokens)
     batches = heldout_batches(corpus, seq_len, batch_size, tokens)
     return perplexity(model, batches, device=device, progress=progress)
+
+
+# --------------------------------------------------------------------------- surgery eval
+
+EVAL_SEED = 0  # the document split of `surgery eval`: the same for every model, so numbers compare
+
+
+def heldout_for_eval(tokenizer: Any, opts: Any) -> tuple[list[torch.Tensor], Any]:
+    """Held-out batches for ``surgery eval`` (``opts``: :class:`~surgery.options.EvalOptions`) and their DataConfig.
+
+    Documents are split with seed :data:`EVAL_SEED` and the default held-out fraction, whatever
+    the model, so a teacher and its students are scored on the same text.
+    """
+    from .data import Corpus, data_config_from_cli, heldout_batches
+
+    cfg = data_config_from_cli(opts.data, opts.seq_len)
+    corpus = Corpus.build(cfg, tokenizer, seed=EVAL_SEED, max_tokens=opts.seq_len, heldout_tokens=opts.tokens)
+    return heldout_batches(corpus, opts.seq_len, opts.batch_size, opts.tokens), cfg
+
+
+def _split_disjoint(path: Any, cfg: Any) -> bool | None:
+    """Whether the eval's held-out documents were held out in the student's training too (None: unknown).
+
+    Same seed and an eval fraction no larger than training's: the eval documents are a subset of
+    training's held-out documents (:func:`surgery.data.is_heldout` thresholds one hash).
+    """
+    from pathlib import Path
+
+    import yaml
+
+    recipe = Path(path) / "recipe.resolved.yaml"
+    if not recipe.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        data = raw["data"]
+        seed = data.get("seed") if data.get("seed") is not None else raw.get("seed", 0)
+        trained = {s["source"] if isinstance(s, dict) else s for s in data["sources"]}
+        fraction = float(data["heldout_fraction"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    if not trained & {s.source for s in cfg.sources}:
+        return True
+    return seed == EVAL_SEED and cfg.heldout_fraction <= fraction
+
+
+def evaluate_reference(model_ref: str, opts: Any = None) -> dict[str, Any]:
+    """``surgery eval``: held-out perplexity of a teacher reference or a student directory (one code path).
+
+    Returns ``{"model", "kind", "data", "tokens", "seq_len", "perplexity", "nll", ...}``; ``tokens``
+    counts the tokens fed, ``predicted`` the positions scored (``seq_len - 1`` per sequence). For a
+    student, ``heldout_disjoint_from_training`` says whether the eval text was also held out in its
+    training (False: a warning is logged; numbers may be optimistic).
+    """
+    import logging
+
+    from .options import EvalOptions
+    from .runtime import resolve_device
+    from .student import load_model_ref
+
+    opts = opts or EvalOptions()
+    device = resolve_device(opts.device)
+    loaded = load_model_ref(model_ref, device=device)
+    batches, cfg = heldout_for_eval(loaded.tokenizer, opts)
+    nll, predicted = mean_nll(loaded.model, batches, device=device)
+    result: dict[str, Any] = {
+        "model": model_ref,
+        "kind": loaded.kind,
+        "data": opts.data,
+        "tokens": sum(b.numel() for b in batches),
+        "seq_len": opts.seq_len,
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "predicted": predicted,
+        "device": str(device),
+        "split_seed": EVAL_SEED,
+        "heldout_fraction": cfg.heldout_fraction,
+    }
+    if loaded.kind == "student":
+        disjoint = _split_disjoint(model_ref, cfg)
+        result["heldout_disjoint_from_training"] = disjoint
+        if disjoint is False:
+            logging.getLogger("surgery").warning(
+                "surgery eval: the student was trained with another data split (seed or held-out fraction); some "
+                "evaluation documents may have been trained on. Evaluate on other --data for a clean number."
+            )
+    return result

@@ -1,0 +1,330 @@
+"""Decode latency and memory: a student (every attention replaced by an SSM mixer) vs its teacher.
+
+    python bench/decode.py                          # GPU: SmolLM2-135M teacher vs all-discrete_mamba2 student, bf16,
+                                                    #      batch 1 and 8, contexts 1k / 4k / 16k
+    python bench/decode.py --cuda-graph             # also a CUDA-graph-captured student decode step
+    python bench/decode.py --cpu                    # quick CPU run: context 256, batch 1 and 4
+    python bench/decode.py --cpu --teacher random:llama --contexts 32 --batches 1,2 --steps 4   # smoke
+    python bench/decode.py --student runs/smollm2-mamba                                      # a trained student
+
+The student is ``surgery.rewrite(teacher, [discrete_mamba2 everywhere])`` with untrained weights
+(speed does not depend on them) unless ``--student DIR`` names a saved one. For each model,
+batch and context: a prefill of ``context`` random tokens (``logits_to_keep=1``), then
+``--warmup`` untimed and ``--steps`` timed greedy decode steps, each one ``model(next_token,
+past_key_values=cache)`` (what ``generate`` does per token, without its bookkeeping). Columns:
+
+* ``ms/token``   -- decode time per step (CUDA events on GPU, perf_counter on CPU); ``tok/s`` = batch / that,
+* ``prefill peak`` / ``decode peak`` -- ``torch.cuda.max_memory_allocated`` during the prefill / the timed
+  decode steps (weights and cache included; GPU only),
+* ``state``      -- bytes held by the cache after decoding (KV for the teacher, SSM + conv state for the student),
+* ``vs teacher`` -- teacher ms/token / this row's ms/token (> 1: faster than the teacher).
+
+``--cuda-graph`` captures one whole student decode step (the HF forward with the recurrent cache,
+its state tensors kept in static buffers) in a CUDA graph and replays it; the first replay is
+checked against an eager step (``graph max|diff|``). Only for fully converted students: a KV cache
+grows every step, which a captured graph cannot follow. A row that fails prints the error instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="builtin:smollm2-135m", help="teacher reference (default: the embedded SmolLM2)")
+    p.add_argument("--student", default=None, help="a student directory (default: the teacher rewritten, untrained)")
+    p.add_argument("--cpu", action="store_true", help="quick CPU mode (small context and batches, fp32)")
+    p.add_argument("--contexts", default=None, help="comma-separated prompt lengths (GPU 1024,4096,16384; CPU 256)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (GPU 1,8; CPU 1,4)")
+    p.add_argument("--steps", type=int, default=None, help="timed decode steps (GPU 64; CPU 16)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed decode steps first (GPU 8; CPU 2)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="GPU bf16, CPU fp32")
+    p.add_argument("--cuda-graph", action="store_true", help="also time a CUDA-graph-captured student decode step")
+    p.add_argument("--mixer", default="discrete_mamba2", help="mixer replacing every attention node")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.cpu
+    args.device = torch.device("cuda" if gpu else "cpu")
+    args.contexts = _ints(args.contexts or ("1024,4096,16384" if gpu else "256"))
+    args.batches = _ints(args.batches or ("1,8" if gpu else "1,4"))
+    args.steps = args.steps or (64 if gpu else 16)
+    args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 2)
+    args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    if args.cuda_graph and not gpu:
+        p.error("--cuda-graph needs CUDA")
+    return args
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(teacher, student) on the device in the bench dtype, eval mode."""
+    import surgery
+    from surgery.teacher import load_teacher
+
+    teacher = load_teacher(args.teacher, device=args.device, dtype=args.dtype, progress=False).model
+    if args.student:
+        student = surgery.load(args.student, device=args.device, dtype=args.dtype)
+    else:
+        student, _ = surgery.rewrite(teacher, [{"mixer": args.mixer}])
+        student = student.to(device=args.device, dtype=args.dtype)
+    for m in (teacher, student):
+        m.eval().requires_grad_(False)
+        m.generation_config.eos_token_id = None
+    return teacher, student
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor a cache holds (KV, SSM and conv states)."""
+    total, seen = 0, set()
+    for layer in getattr(cache, "layers", []):
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        for name in ("recurrent_states", "conv_states"):  # dict {state index: tensor} (a list in some versions)
+            states = getattr(layer, name, None) or []
+            tensors += list(states.values() if isinstance(states, dict) else states)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Milliseconds between ``start()`` and ``stop()`` (CUDA events on GPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            self.b.record()
+            torch.cuda.synchronize(self.device)
+            return self.a.elapsed_time(self.b)
+        return (time.perf_counter() - self.t0) * 1e3
+
+
+# --------------------------------------------------------------------------- one measurement
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill ``context`` tokens, then time ``args.steps`` greedy decode steps."""
+    device = args.device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    g = torch.Generator().manual_seed(context * 31 + batch)
+    ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)  # (b, L)
+    kw = _forward_kwargs(model)
+    timer = Timer(device)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer.start()
+    out = model(ids, use_cache=True, **kw)
+    prefill_ms = timer.stop()
+    prefill_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)  # (b, 1)
+    del out
+    for _ in range(args.warmup):
+        nxt = model(nxt, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    timer.start()
+    for _ in range(args.steps):
+        nxt = model(nxt, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+    ms = timer.stop() / args.steps
+    row = {"batch": batch, "context": context, "prefill_ms": prefill_ms, "ms_per_token": ms,
+           "tokens_per_s": batch * 1e3 / ms, "state_bytes": cache_bytes(cache), "cache": type(cache).__name__}
+    if device.type == "cuda":
+        row["decode_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        row["prefill_peak_bytes"] = prefill_peak
+    if args.cuda_graph and hasattr(model, "new_surgery_cache"):
+        row.update(graph_decode(model, cache, nxt, args))
+    del cache
+    return row
+
+
+class StaticDecoder:
+    """One greedy decode step of a fully converted student over static buffers (what a CUDA graph needs).
+
+    The next token ``ids (b, 1)`` and every mixer's SSM and conv state live in tensors allocated
+    once; :meth:`step` points the cache's slots at them, runs the model's own forward (the HF
+    decoder with the recurrent cache) and copies the new state and the argmax token back in place.
+    Position ids the forward derives from the cache's Python-side length are baked into a capture,
+    which is harmless here: no kept attention layer reads them. Runs eagerly on any device
+    (tested on CPU against ordinary decoding); :func:`graph_decode` captures it.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: Any, nxt: torch.Tensor) -> None:
+        from surgery.cache import SSMCacheLayer
+
+        self.slots = list(cache.layers)
+        if not self.slots or not all(isinstance(s, SSMCacheLayer) for s in self.slots):
+            raise NotImplementedError("the student keeps attention layers (their KV cache grows each step)")
+        self.model, self.cache, self.kw = model, cache, _forward_kwargs(model)
+        self.ids = nxt.clone()  # (b, 1)
+        self.states = [(s.recurrent_states[0].clone(), None if s.conv_states[0] is None else s.conv_states[0].clone())
+                       for s in self.slots]  # per layer: ssm (b, h, p, n), conv (b, channels, k-1)
+
+    def step(self) -> torch.Tensor:
+        """Advance one token in place; returns the logits ``(b, 1, V)``."""
+        for slot, (ssm, conv) in zip(self.slots, self.states):  # the cache reads the static buffers ...
+            slot.recurrent_states[0] = ssm
+            slot.conv_states[0] = conv
+        logits = self.model(self.ids, past_key_values=self.cache, use_cache=True, **self.kw).logits
+        for slot, (ssm, conv) in zip(self.slots, self.states):  # ... and the new state goes back into them
+            ssm.copy_(slot.recurrent_states[0])
+            if conv is not None:
+                conv.copy_(slot.conv_states[0])
+        self.ids.copy_(logits[:, -1:].argmax(-1))
+        return logits
+
+    def snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+        return [(a.clone(), None if c is None else c.clone()) for a, c in self.states], self.ids.clone()
+
+    def restore(self, snap: tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]) -> None:
+        for (a, c), (sa, sc) in zip(self.states, snap[0]):
+            a.copy_(sa)
+            if c is not None:
+                c.copy_(sc)
+        self.ids.copy_(snap[1])
+
+
+def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Time a CUDA-graph-captured :class:`StaticDecoder` step; its first replay is checked against an eager step."""
+    try:
+        device = args.device
+        dec = StaticDecoder(model, cache, nxt)
+        side = torch.cuda.Stream(device)  # warm up on a side stream before capturing (CUDA graph rules)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                dec.step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        snap = dec.snapshot()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records kernels; nothing runs, the static buffers keep `snap`
+            static_logits = dec.step()
+        dec.restore(snap)
+        reference = dec.step().float().clone()  # eager, from the snapshot
+        dec.restore(snap)
+        graph.replay()
+        diff = (static_logits.float() - reference).abs().max().item()
+        for _ in range(args.warmup):
+            graph.replay()
+        timer = Timer(device)
+        timer.start()
+        for _ in range(args.steps):
+            graph.replay()
+        ms = timer.stop() / args.steps
+        return {"graph_ms_per_token": ms, "graph_max_diff": diff}
+    except Exception as err:  # noqa: BLE001 - report, do not abort the table
+        return {"graph_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _mib(n: Any) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f}"
+
+
+def run(args: argparse.Namespace, report: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    teacher, student = build_models(args)
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            base = None
+            for name, model in (("teacher", teacher), ("student", student)):
+                try:
+                    row = {"model": name, **measure(model, batch, context, args)}
+                except Exception as err:  # noqa: BLE001 - e.g. out of memory: report and go on
+                    row = {"model": name, "batch": batch, "context": context,
+                           "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
+                if args.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if name == "teacher":
+                    base = row.get("ms_per_token")
+                row["vs_teacher"] = base / row["ms_per_token"] if base and row.get("ms_per_token") else None
+                rows.append(row)
+    report(table(rows, args))
+    return rows
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    gpu = args.device.type == "cuda"
+    head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
+            "state MiB", "vs teacher"]
+    if args.cuda_graph:
+        head += ["graph ms/token", "graph vs teacher", "graph max|diff|"]
+    title = (f"device {args.device} ({torch.cuda.get_device_name(args.device) if gpu else 'cpu'}), dtype "
+             f"{str(args.dtype).removeprefix('torch.')}, teacher {args.teacher}, student "
+             f"{args.student or 'all attention -> ' + args.mixer + ' (untrained)'}, {args.steps} timed steps")
+    lines = [title, "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    teacher_ms: dict[tuple[int, int], float] = {}
+    for r in rows:
+        if r["model"] == "teacher" and r.get("ms_per_token"):
+            teacher_ms[(r["batch"], r["context"])] = r["ms_per_token"]
+        if "error" in r:
+            cells = [r["model"], str(r["batch"]), str(r["context"]), r["error"]] + [""] * (len(head) - 4)
+        else:
+            ratio = r.get("vs_teacher")
+            cells = [r["model"], str(r["batch"]), str(r["context"]), f"{r['prefill_ms']:.1f}",
+                     _mib(r.get("prefill_peak_bytes")), f"{r['ms_per_token']:.2f}",
+                     f"{r['tokens_per_s']:.0f}", _mib(r.get("decode_peak_bytes")),
+                     _mib(r["state_bytes"]), f"{ratio:.2f}x" if ratio else ""]
+            if args.cuda_graph:
+                if "graph_ms_per_token" in r:
+                    base = teacher_ms.get((r["batch"], r["context"]))
+                    cells += [f"{r['graph_ms_per_token']:.2f}", f"{base / r['graph_ms_per_token']:.2f}x" if base else "",
+                              f"{r['graph_max_diff']:.2g}"]
+                else:
+                    cells += [r.get("graph_error", ""), "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

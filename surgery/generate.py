@@ -1,0 +1,113 @@
+"""``surgery generate``: stream a continuation of a prompt from a student directory or any teacher reference.
+
+    text = generate_text("runs/tiny", "def fibonacci(n):", GenerateOptions(max_new_tokens=32))
+
+Students decode with their recurrent :class:`~surgery.cache.SurgeryCache` (constant memory per
+token; ``surgery.load`` enables it), teachers with their usual KV cache. Temperature 0 is greedy;
+otherwise sampling with ``temperature`` and ``top_p`` from ``seed``. The prompt is echoed and the
+continuation written to ``stream`` (stdout) piece by piece as tokens come; the continuation alone
+is returned.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import torch
+
+from .options import GenerateOptions
+
+__all__ = ["generate_text", "generation_kwargs"]
+
+
+class _Streamer:
+    """A ``generate`` streamer that writes decoded text to ``stream`` as soon as it is complete.
+
+    Like ``transformers.TextStreamer`` (it decodes the tokens so far and writes the new suffix),
+    but to any text stream, holding back a trailing replacement character (an incomplete
+    multi-byte character) until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Any, stream: TextIO | None, skip_prompt: bool = True) -> None:
+        self.tokenizer, self.stream = tokenizer, stream
+        self.skip_prompt = skip_prompt
+        self.ids: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:
+            if value.shape[0] > 1:
+                raise ValueError("the streamer handles one sequence (batch size 1)")
+            value = value[0]
+        if self.skip_prompt and not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # wait for the rest of the character
+            return
+        self._write(text[self.printed :])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._write(text[self.printed :])
+        self.printed = len(text)
+
+    def _write(self, piece: str) -> None:
+        if self.stream is not None and piece:
+            self.stream.write(piece)
+            self.stream.flush()
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def generation_kwargs(opts: GenerateOptions, tokenizer: Any, model: Any) -> dict[str, Any]:
+    """``model.generate`` keyword arguments for ``opts`` (greedy at temperature 0)."""
+    kwargs: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens}
+    if opts.temperature == 0:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=None)
+    gen = getattr(model, "generation_config", None)
+    if getattr(gen, "pad_token_id", None) is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is not None:
+            kwargs["pad_token_id"] = pad
+    return kwargs
+
+
+@torch.inference_mode()
+def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = None, *,
+                  stream: TextIO | None = sys.stdout) -> str:
+    """Continue ``prompt`` with a student directory or teacher reference; returns the continuation.
+
+    ``stream``: where the prompt and the continuation are written as they come (None: silent).
+    """
+    from .errors import SurgeryError
+    from .runtime import resolve_device
+    from .student import load_model_ref
+
+    opts = opts or GenerateOptions()
+    device = resolve_device(opts.device)
+    loaded = load_model_ref(model_ref, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    enc = tokenizer(prompt, return_tensors="pt")
+    ids = enc["input_ids"].to(device)  # (1, L)
+    if ids.shape[1] == 0:
+        raise SurgeryError("the prompt encodes to no tokens; give some text to continue")
+    torch.manual_seed(opts.seed)
+    streamer = _Streamer(tokenizer, stream)
+    if stream is not None:
+        stream.write(prompt)
+        stream.flush()
+    model.generate(ids, attention_mask=enc["attention_mask"].to(device), streamer=streamer,
+                   **generation_kwargs(opts, tokenizer, model))
+    if stream is not None:
+        stream.write("\n")
+        stream.flush()
+    return streamer.text
