@@ -29,6 +29,7 @@ _EXPORTS = {
     "diff": "surgery.graph_diff",
     "load": "surgery.student",
     "save": "surgery.student",
+    "load_tokenizer": "surgery.student",
     "apply": "surgery.pipeline",
 }
 

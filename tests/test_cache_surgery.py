@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 import json
 
 import pytest
@@ -89,13 +88,9 @@ def test_enable_recurrent_cache() -> None:
     assert isinstance(cache, SurgeryCache) and [type(x).__name__ for x in cache.layers][:2] == ["SSMCacheLayer"] * 2
     assert cache.get_seq_length() == 5
     assert model(ids, use_cache=False).past_key_values is None
-    # copies, pickles and saves as the original architecture
+    # copies and saves as the original architecture (the project never unpickles; see test_student_safety)
     twin = copy.deepcopy(model)
     assert type(twin) is cls and torch.equal(twin(ids).logits, model(ids).logits)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    assert type(torch.load(buffer, weights_only=False)) is cls
 
 
 def test_save_pretrained_keeps_architecture(tmp_path) -> None:

@@ -59,7 +59,7 @@ def _bad_recipe(tmp_path: Path, edit: dict) -> Path:
         ("apply", {"stages": {"stage1": {"lr": "fast"}}}, [], "stages.stage1.lr: Input should be a valid number"),
         ("apply", {}, ["stages.stage2.tokenz=5"], "did you mean 'tokens'"),
         ("plan", {}, ["replace.0.layers=0:x"], "is not a layer slice"),
-        ("apply", {}, ["replace.0.modules=model.nothing.*"], "matches nothing"),
+        ("apply", {}, ["replace.0.modules=model.nothing.*"], "matches no attention module"),
         ("apply", {}, ["teacher.model=random:llamma"], "llamma"),
         ("apply", {}, ["teacher.model=/no/such/dir"], "/no/such/dir"),
     ],
