@@ -160,7 +160,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from verify.report import verify_student
+    from verify.standalone import verify_student
 
     opts = options_from_args(EvalOptions, args)
     report = verify_student(args.student, opts)

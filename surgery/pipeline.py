@@ -21,7 +21,7 @@ from verify.checkpoint import load_optimizer, load_student, read_state, save_che
 from verify.measure import Measurement, measure
 from verify.metrics import MetricsLog
 from verify.objective import Node, Objective, replaced_nodes
-from verify.plots import plot_losses, plot_per_layer
+from verify.plots import before_after_series, plot_losses, plot_per_layer
 from verify.report import build_report, report_markdown
 from verify.runner import StageRunner
 from verify.stage1_matrix import MatrixOrientation
@@ -29,7 +29,7 @@ from verify.stage2_hidden import HiddenStateAlignment
 from verify.stage3_logits import Distillation
 
 from .errors import SurgeryError
-from .log import logger
+from .log import logger, quiet
 from .options import ApplyOptions
 from .recipe import Recipe
 from .runtime import resolve_device, seed_everything
@@ -98,7 +98,7 @@ class Run:
         self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device))
         self.student, self.plan = rewrite(self.teacher.model, r.replace)
         self.nodes = replaced_nodes(self.student)
-        self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=True)
+        self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet())
         self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
                                        batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
         s1_tokens = r.verify.stage1_tokens or r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)
@@ -192,7 +192,7 @@ class Run:
 
         report = build_report(teacher=self.teacher.ref, trail=self.trail, stages=self.stage_info, name=self.recipe.name)
         with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
-            plots = [p for p in (plot_per_layer(report, tmp / "per_layer.png"),
+            plots = [p for p in (plot_per_layer(before_after_series(report), tmp / "per_layer.png"),
                                  plot_losses(self.log.read(), tmp / "losses.png")) if p is not None]
             shutil.copy(self.work / "metrics.jsonl", tmp / "metrics.jsonl")
             save_student(tmp, self.student, tokenizer=self.teacher.tokenizer, plan=self.plan, recipe=self.recipe,
