@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
 
 __all__ = ["SSMCacheLayer", "SurgeryCache", "enable_recurrent_cache", "mixer_layer_indices", "surgery_cache"]
 

@@ -25,7 +25,6 @@ Model code from the hub runs only with ``trust_remote_code=True``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -51,7 +50,7 @@ from transformers import (
 )
 
 from .errors import TeacherError, suggest
-from .io import atomic_dir, atomic_write_json
+from .io import atomic_dir, atomic_write_json, sha256_file
 from .recipe import TeacherConfig
 
 BUILTIN_SMOLLM2 = "smollm2-135m"
@@ -463,14 +462,6 @@ def _builtin_cache_valid(path: Path) -> bool:
     return installed is None or installed == meta.get("package_version")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock so parallel processes convert the builtin teacher once (no-op without fcntl)."""
@@ -517,7 +508,7 @@ def convert_builtin(dest: Path | None = None, *, progress: bool = True) -> Path:
         "package": SMOLLM2_PACKAGE,
         "package_version": _package_version(),
         "weights_file": gguf.name,
-        "weights_sha256": _sha256(gguf),
+        "weights_sha256": sha256_file(gguf),
         "converted_with_transformers": importlib.metadata.version("transformers"),
     }
     with atomic_dir(dest, overwrite=True) as tmp:

@@ -31,7 +31,9 @@ def load_model_ref(ref: str, *, device: str | torch.device = "cpu", dtype: torch
     if is_student_dir(path) or (path.is_dir() and not (path / CONFIG).exists() and (path / WEIGHTS).exists()):
         model = load(path, device=device, dtype=dtype)
         return LoadedModel(model, load_tokenizer(path), "student", ref)
-    from ..teacher import load_teacher  # only for teacher references (its import is the slow part of a CLI start)
+    from ..teacher import (
+        load_teacher,  # only for teacher references (its import is the slow part of a CLI start)
+    )
 
     teacher = load_teacher(ref, device=device, dtype=dtype, progress=False)
     return LoadedModel(teacher.model, teacher.tokenizer, "teacher", ref)

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import StudentError
+from ..io import sha256_file as sha256
 from .card import model_card
 from .config import student_config
 from .layout import (
@@ -27,7 +28,7 @@ from .nodes import base_class, check_nodes_match, student_nodes
 from .provenance import build_provenance, teacher_license
 from .tensors import main_dtype, named_tensors, tied_aliases
 from .validation import validate
-from .weights import parse_size, sha256, write_weights
+from .weights import parse_size, write_weights
 
 log = logging.getLogger("surgery")
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import StudentError
+from ..io import sha256_file as sha256
 from .build import build_model
 from .config import read_config, section_dtype
 from .dtypes import dtype_from_name, dtype_name
@@ -22,7 +23,7 @@ from .layout import PROVENANCE
 from .nodes import node_of
 from .tensors import named_tensors, tied_aliases
 from .tokenizer import load_tokenizer
-from .weights import read_headers, sha256, weight_files
+from .weights import read_headers, weight_files
 
 Headers = dict[str, tuple[str, tuple[int, ...], torch.dtype]]  # tensor name -> (file, shape, dtype)
 

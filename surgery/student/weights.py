@@ -6,7 +6,6 @@ reads names, shapes and dtypes from the file headers only. Pickle weights are ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -76,14 +75,6 @@ def write_weights(directory: Path, tensors: list[tuple[str, torch.Tensor]], shar
         weight_map.update({k: name for k, _ in shard})
     write_json(directory / INDEX, {"metadata": {"total_size": total, "format": "pt"}, "weight_map": weight_map})
     return [*names, INDEX]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
