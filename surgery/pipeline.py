@@ -95,7 +95,7 @@ class Run:
         r = self.recipe
         self.device = resolve_device(r.device)
         seed_everything(r.seed)
-        self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device))
+        self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device), progress=not quiet())
         self.student, self.plan = rewrite(self.teacher.model, r.replace)
         self.nodes = replaced_nodes(self.student)
         self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet())

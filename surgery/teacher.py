@@ -479,6 +479,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _gguf_progress(show: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar; hide it when progress is off (``-q``)."""
+    if show:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def convert_builtin(dest: Path | None = None, *, progress: bool = True) -> Path:
     """De-quantize the SmolLM2 GGUF to a float32 safetensors model directory at ``dest`` (atomically).
 
@@ -491,8 +509,9 @@ def convert_builtin(dest: Path | None = None, *, progress: bool = True) -> Path:
     if progress:
         print(f"surgery: converting builtin:{BUILTIN_SMOLLM2} from {gguf.name} once (~30-60 s) into {dest}", file=sys.stderr, flush=True)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _gguf_progress(progress):
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as err:
         raise TeacherError(f"converting builtin:{BUILTIN_SMOLLM2} needs the gguf package ({err}); pip install gguf") from None
     config = loaded.config
