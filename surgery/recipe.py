@@ -69,6 +69,13 @@ class DataSource(StrictModel):
     weight: float = Field(default=1.0, gt=0, description="Relative share of tokens drawn from this source.")
     text_field: str = Field(default="text", description="Field holding the text in .jsonl files and datasets.")
     split: str = Field(default="train", description="Dataset split for 'hf:' sources.")
+    streaming: bool = Field(
+        default=True,
+        description=(
+            "'hf:' sources: stream rows in a seeded order and stop at the token budget (no full download); "
+            "false downloads the whole split first. Ignored for other sources."
+        ),
+    )
 
 
 class DataConfig(StrictModel):
