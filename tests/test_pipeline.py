@@ -53,6 +53,16 @@ def test_apply_runs_every_stage_and_reports(tmp_path: Path, family: str) -> None
     assert not out.with_name(out.name + ".partial").exists()  # checkpoints removed after success
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "gpt_neox", "opt"])
+def test_tiny_recipe_works_for_every_other_family(tmp_path: Path, family: str) -> None:
+    one_step = [f"stages.stage{s}.tokens=256" for s in (1, 2, 3)]
+    out = apply(tiny(tmp_path, f"teacher.model=random:{family}", "verify.tokens=128", *one_step))
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"] == f"random:{family}" and len(report["stage2"]["per_block"]) == 4
+    assert all(math.isfinite(v["after"]) for v in report["stage1"]["per_node"].values())
+    assert report["stage1"]["mean"]["after"] < report["stage1"]["mean"]["before"]
+
+
 @pytest.mark.parametrize("enabled", [(2,), (3,), (2, 3)], ids=["stage2-only", "stage3-only", "stages2-3"])
 def test_stage_ablations(tmp_path: Path, enabled: tuple[int, ...]) -> None:
     flags = [f"stages.stage{s}.enabled={'true' if s in enabled else 'false'}" for s in (1, 2, 3)]
