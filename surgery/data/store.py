@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..io import fsync_dir
 from .reader import SPLITS
 
 log = logging.getLogger(__name__)
@@ -186,13 +187,7 @@ def commit(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         if read_meta(final, meta["key"]) is None:  # not another build's finished copy
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same corpus first
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 # --------------------------------------------------------------------------- reading

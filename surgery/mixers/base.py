@@ -36,6 +36,9 @@ from ..cache import SSMCacheLayer, surgery_cache
 from ._common import token_validity
 
 
+TRANSFER_OPTIONS = ("q_to_C", "k_to_B", "v_to_x", "o_to_out")  # init options that copy teacher weights
+
+
 class MixerParams(BaseModel):
     """Base of every mixer's parameter model (``replace[i].params``)."""
 
@@ -218,6 +221,13 @@ class Mixer(nn.Module):
         Returns a record ``{mixer tensor (or slice): teacher source}`` for the diff and the model card.
         """
         raise NotImplementedError
+
+    def requested_transfers(self, weights: AttentionWeights | None, init: MixerInit) -> list[str]:
+        """The ``*_to_*`` transfer options ``init`` turns on; an error when they have no weights to copy."""
+        asked = [name for name in TRANSFER_OPTIONS if getattr(init, name, False)]
+        if weights is None and asked:
+            raise ValueError(f"{self.name}: init {', '.join(asked)} needs the teacher's attention weights")
+        return asked
 
     def weight_views(self) -> dict[str, torch.Tensor]:
         """Head-major views of transferable weights, in :class:`AttentionWeights` layout.

@@ -233,9 +233,7 @@ class DiscreteMamba2(Mixer):
     def init_from_attention(self, weights: AttentionWeights | None, init: MixerInit) -> dict[str, str]:
         init = init if isinstance(init, DiscreteMamba2Init) else DiscreteMamba2Init.model_validate(init.model_dump())
         record: dict[str, str] = {}
-        asked = [name for name in ("q_to_C", "k_to_B", "v_to_x", "o_to_out") if getattr(init, name)]
-        if weights is None and asked:
-            raise ValueError(f"discrete_mamba2: init {', '.join(asked)} needs the teacher's attention weights")
+        asked = self.requested_transfers(weights, init)
         if weights is not None and asked:
             record.update(self._transfer(weights, init))
         if init.identity_conv and self.conv_x is not None:

@@ -240,9 +240,7 @@ class Mamba2(Mixer):
     def init_from_attention(self, weights: AttentionWeights | None, init: MixerInit) -> dict[str, str]:
         init = init if isinstance(init, Mamba2Init) else Mamba2Init.model_validate(init.model_dump())
         record: dict[str, str] = {}
-        asked = [name for name in ("q_to_C", "k_to_B", "v_to_x", "o_to_out") if getattr(init, name)]
-        if weights is None and asked:
-            raise ValueError(f"mamba2: init {', '.join(asked)} needs the teacher's attention weights")
+        asked = self.requested_transfers(weights, init)
         if weights is not None and asked:
             s = weights.shape
             if s.d_model != self.d_model:
