@@ -227,8 +227,14 @@ class StaticDecoder:
 
 def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """Time a CUDA-graph-captured :class:`StaticDecoder` step; its first replay is checked against an eager step."""
+    before = model.config._attn_implementation
     try:
         device = args.device
+        # A fully converted student has no attention to mask, but the HF forward still builds a mask;
+        # transformers < 5.23 builds the eager one with torch.tensor(0.0, device=cuda), a host-to-device
+        # copy that CUDA-graph capture refuses. The SDPA mask path has none.
+        if before == "eager":
+            model.set_attn_implementation("sdpa")
         dec = StaticDecoder(model, cache, nxt)
         side = torch.cuda.Stream(device)  # warm up on a side stream before capturing (CUDA graph rules)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -255,6 +261,9 @@ def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: ar
         return {"graph_ms_per_token": ms, "graph_max_diff": diff}
     except Exception as err:  # noqa: BLE001 - report, do not abort the table
         return {"graph_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
+    finally:
+        if model.config._attn_implementation != before:
+            model.set_attn_implementation(before)
 
 
 # --------------------------------------------------------------------------- table
