@@ -179,91 +179,28 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     return row
 
 
-class StaticDecoder:
-    """One greedy decode step of a fully converted student over static buffers (what a CUDA graph needs).
-
-    The next token ``ids (b, 1)`` and every mixer's SSM and conv state live in tensors allocated
-    once; :meth:`step` points the cache's slots at them, runs the model's own forward (the HF
-    decoder with the recurrent cache) and copies the new state and the argmax token back in place.
-    Position ids the forward derives from the cache's Python-side length are baked into a capture,
-    which is harmless here: no kept attention layer reads them. Runs eagerly on any device
-    (tested on CPU against ordinary decoding); :func:`graph_decode` captures it.
-    """
-
-    def __init__(self, model: torch.nn.Module, cache: Any, nxt: torch.Tensor) -> None:
-        from surgery.cache import SSMCacheLayer
-
-        self.slots = list(cache.layers)
-        if not self.slots or not all(isinstance(s, SSMCacheLayer) for s in self.slots):
-            raise NotImplementedError("the student keeps attention layers (their KV cache grows each step)")
-        self.model, self.cache, self.kw = model, cache, _forward_kwargs(model)
-        self.ids = nxt.clone()  # (b, 1)
-        self.states = [(s.recurrent_states[0].clone(), None if s.conv_states[0] is None else s.conv_states[0].clone())
-                       for s in self.slots]  # per layer: ssm (b, h, p, n), conv (b, channels, k-1)
-
-    def step(self) -> torch.Tensor:
-        """Advance one token in place; returns the logits ``(b, 1, V)``."""
-        for slot, (ssm, conv) in zip(self.slots, self.states):  # the cache reads the static buffers ...
-            slot.recurrent_states[0] = ssm
-            slot.conv_states[0] = conv
-        logits = self.model(self.ids, past_key_values=self.cache, use_cache=True, **self.kw).logits
-        for slot, (ssm, conv) in zip(self.slots, self.states):  # ... and the new state goes back into them
-            ssm.copy_(slot.recurrent_states[0])
-            if conv is not None:
-                conv.copy_(slot.conv_states[0])
-        self.ids.copy_(logits[:, -1:].argmax(-1))
-        return logits
-
-    def snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
-        return [(a.clone(), None if c is None else c.clone()) for a, c in self.states], self.ids.clone()
-
-    def restore(self, snap: tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]) -> None:
-        for (a, c), (sa, sc) in zip(self.states, snap[0]):
-            a.copy_(sa)
-            if c is not None:
-                c.copy_(sc)
-        self.ids.copy_(snap[1])
-
-
 def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    """Time a CUDA-graph-captured :class:`StaticDecoder` step; its first replay is checked against an eager step."""
-    before = model.config._attn_implementation
+    """Time the CUDA-graph-captured decode step (:mod:`surgery.graph_decode`); its first replay is checked
+    against an eager step from the same state."""
+    from surgery.graph_decode import GraphedDecoder
+
     try:
         device = args.device
-        # A fully converted student has no attention to mask, but the HF forward still builds a mask;
-        # transformers < 5.23 builds the eager one with torch.tensor(0.0, device=cuda), a host-to-device
-        # copy that CUDA-graph capture refuses. The SDPA mask path has none.
-        if before == "eager":
-            model.set_attn_implementation("sdpa")
-        dec = StaticDecoder(model, cache, nxt)
-        side = torch.cuda.Stream(device)  # warm up on a side stream before capturing (CUDA graph rules)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                dec.step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        snap = dec.snapshot()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records kernels; nothing runs, the static buffers keep `snap`
-            static_logits = dec.step()
-        dec.restore(snap)
-        reference = dec.step().float().clone()  # eager, from the snapshot
-        dec.restore(snap)
-        graph.replay()
-        diff = (static_logits.float() - reference).abs().max().item()
+        dec = GraphedDecoder(model, cache, nxt, greedy=True, capture=True)
+        snap = dec.step.snapshot()
+        reference = dec.step.step()[:, -1].float().clone()  # eager, from the captured starting state
+        dec.step.restore(snap)
+        diff = (dec().float() - reference).abs().max().item()
         for _ in range(args.warmup):
-            graph.replay()
+            dec.graph.replay()
         timer = Timer(device)
         timer.start()
         for _ in range(args.steps):
-            graph.replay()
+            dec.graph.replay()
         ms = timer.stop() / args.steps
         return {"graph_ms_per_token": ms, "graph_max_diff": diff}
     except Exception as err:  # noqa: BLE001 - report, do not abort the table
         return {"graph_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
-    finally:
-        if model.config._attn_implementation != before:
-            model.set_attn_implementation(before)
 
 
 # --------------------------------------------------------------------------- table

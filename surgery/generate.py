@@ -18,7 +18,7 @@ import torch
 
 from .options import GenerateOptions
 
-__all__ = ["generate_text", "generation_kwargs"]
+__all__ = ["generate_text", "generation_kwargs", "next_token"]
 
 
 class _Streamer:
@@ -81,6 +81,43 @@ def generation_kwargs(opts: GenerateOptions, tokenizer: Any, model: Any) -> dict
     return kwargs
 
 
+def next_token(logits: torch.Tensor, opts: GenerateOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose the next tokens from ``logits (b, V)``: greedy at temperature 0, else top-p sampling. -> (b, 1)."""
+    if opts.temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.float() / opts.temperature, dim=-1)  # (b, V)
+    if opts.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > opts.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: GenerateOptions, streamer: _Streamer) -> None:
+    """Prefill with the model's forward, then decode through :class:`~surgery.graph_decode.GraphedDecoder`."""
+    from .errors import SurgeryError
+    from .graph_decode import GraphedDecoder, graph_unsupported_reason
+
+    if not ids.is_cuda:
+        raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
+    reason = graph_unsupported_reason(model)
+    if reason is not None:
+        raise SurgeryError(f"--cuda-graph: {reason}; generate without --cuda-graph")
+    generator = torch.Generator(device=ids.device).manual_seed(opts.seed)
+    streamer.put(ids.cpu())  # the prompt (skipped by the streamer)
+    out = model(ids, use_cache=True)
+    token = next_token(out.logits[:, -1], opts, generator)  # (1, 1)
+    decoder = GraphedDecoder(model, out.past_key_values, token, capture=True)
+    eos = tokenizer.eos_token_id
+    for i in range(opts.max_new_tokens):
+        streamer.put(token.cpu())
+        if eos is not None and int(token) == eos or i == opts.max_new_tokens - 1:
+            break
+        token = next_token(decoder(token), opts, generator)
+    streamer.end()
+
+
 @torch.inference_mode()
 def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = None, *,
                   stream: TextIO | None = sys.stdout) -> str:
@@ -105,8 +142,11 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     if stream is not None:
         stream.write(prompt)
         stream.flush()
-    model.generate(ids, attention_mask=enc["attention_mask"].to(device), streamer=streamer,
-                   **generation_kwargs(opts, tokenizer, model))
+    if opts.cuda_graph:
+        _graphed_generate(model, tokenizer, ids, opts, streamer)
+    else:
+        model.generate(ids, attention_mask=enc["attention_mask"].to(device), streamer=streamer,
+                       **generation_kwargs(opts, tokenizer, model))
     if stream is not None:
         stream.write("\n")
         stream.flush()

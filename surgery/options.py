@@ -64,6 +64,10 @@ class GenerateOptions(Options):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     seed: int = Field(default=0, description="Sampling seed.")
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    cuda_graph: bool = Field(
+        default=False,
+        description="Decode through a CUDA graph (fully converted students with rotary positions, on CUDA).",
+    )
 
 
 def _flag(name: str) -> str:
