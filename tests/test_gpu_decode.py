@@ -21,7 +21,8 @@ def test_captured_greedy_decode_equals_generate(cuda: torch.device) -> None:
     ids = torch.randint(4, 260, (2, 37), device=cuda)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0)
+                              return_dict_in_generate=True, pad_token_id=0,
+                              eos_token_id=None)  # never stop early: the decoder does not
         out = model(ids, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         dec = GraphedDecoder(model, out.past_key_values, token, greedy=True, capture=True)
