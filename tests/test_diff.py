@@ -104,6 +104,33 @@ def test_structural_change_reported() -> None:
     assert any(c.key == "model.layers.1.mlp" for c in d.nodes_replaced)
 
 
+
+def test_rewired_block_reports_edge_changes() -> None:
+    """A block whose wiring changes (MLP reads the attention output directly, no second norm or residual)."""
+    teacher = random_model("llama")
+    student, _ = rewrite(teacher, [])
+    layer = student.model.layers[2]
+
+    class Rewired(type(layer)):  # type: ignore[misc]
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
+            h = self.input_layernorm(hidden_states)
+            h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  cache_position=cache_position, position_embeddings=position_embeddings, **kwargs)
+            return hidden_states + self.mlp(h)
+
+    layer.__class__ = Rewired
+    d = diff(teacher, student)
+    block = d.blocks[2]
+    assert block.status == "changed" and not block.replaced
+    assert ("model.layers.2.post_attention_layernorm", "model.layers.2.mlp") in block.edges_removed
+    assert ("model.layers.2.self_attn[0]", "model.layers.2.mlp") in block.edges_added
+    assert "model.layers.2.post_attention_layernorm" in d.nodes_removed
+    assert [b.status for b in d.blocks] == ["unchanged", "unchanged", "changed", "unchanged"]
+    assert "edges" in d.to_text() and "post_attention_layernorm" in d.to_html()
+
+
 def test_labels() -> None:
     assert layer_ranges([7, 1, 2, 3, 5]) == "1..3,5,7"
 
