@@ -33,6 +33,7 @@ binds its name on the package)::
     build        the module tree rebuilt from config.json (mixers spliced in)
     validation   validate, StudentInfo: config, headers and built model checked together
     loading      load: the weights streamed into the rebuilt model
+    auto_class   modeling_surgery.py and auto_map: transformers' Auto classes load a student via load
     saving       save_student, save
     refs         load_model_ref: a student directory or any teacher reference
 """

@@ -83,8 +83,11 @@ def model_card(
               "print(tokenizer.decode(out[0]))", "```", "",
               "```bash", 'surgery generate path/to/this/directory "def fibonacci(n):" --max-new-tokens 64',
               "surgery eval path/to/this/directory --data builtin:python-docs", "```", "",
-              ("Load it with `surgery.load`: `transformers.AutoModelForCausalLM.from_pretrained` would build the "
-               "teacher's attention layers, not the mixers."), ""]
+              ("Tools that speak the Hugging Face API load it with "
+               "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (the directory's "
+               "`modeling_surgery.py` hands over to `surgery.load`; `surgery` must be installed), e.g. "
+               "`lm_eval --model hf --model_args pretrained=path,trust_remote_code=True`. Without "
+               "`trust_remote_code=True`, transformers would build the teacher's attention layers, not the mixers."), ""]
     lines += ["## License and provenance", ""]
     if license_:
         lines.append(f"The weights derive from the teacher `{teacher_ref}`, whose license is **{license_}**; "

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import StudentError
+from .auto_class import AUTO_MAP
 from .dtypes import dtype_from_name, dtype_name
 from .layout import CONFIG, FORMAT_VERSION
 
@@ -89,6 +90,7 @@ def student_config(
     config["architectures"] = [base.__name__]
     config["dtype"] = dtype_name(main_dtype)
     config.pop("torch_dtype", None)
+    config["auto_map"] = dict(AUTO_MAP)  # AutoModelForCausalLM(..., trust_remote_code=True) -> surgery.load
     config["surgery"] = {
         "version": FORMAT_VERSION,
         "surgery_version": __version__,

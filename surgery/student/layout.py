@@ -12,6 +12,8 @@
     provenance.json                 versions, seed, git revision, teacher provenance, tokens, command, date, sha256s
     report.json, report.md          the distillation report (when there is one)
     README.md                       a generated model card
+    modeling_surgery.py             the Auto-class shim: AutoModelForCausalLM(..., trust_remote_code=True) loads
+                                    the student through surgery.load (config.json's auto_map points at it)
     per_layer.png, losses.png, metrics.jsonl   written beside these by ``surgery apply``
 """
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import StudentError
 from ..io import sha256_file as sha256
+from .auto_class import write_auto_code
 from .card import model_card
 from .config import student_config
 from .layout import (
@@ -70,6 +71,7 @@ def save_student(
     write_json(directory / CONFIG, student_config(student, base=base, teacher_ref=teacher_ref, nodes=nodes, plan=plan,
                                                   main_dtype=main, other_dtypes=other_dtypes,
                                                   aliases=tied_aliases(student)))
+    write_auto_code(directory)
     limit = parse_size(shard_size or (recipe.output.shard_size if recipe is not None else DEFAULT_SHARD_SIZE))
     files = write_weights(directory, tensors, limit)
     for f in files:
