@@ -42,7 +42,8 @@ def test_auto_model_with_remote_code_is_the_student(saved: tuple[Path, torch.nn.
 
 def test_auto_model_dtype_and_device(saved: tuple[Path, torch.nn.Module]) -> None:
     path, _ = saved
-    auto = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float64, device_map="cpu")
+    auto = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float64,
+                                                 device_map={"": "cpu"})  # as lm-eval-harness passes it
     assert {p.dtype for p in auto.parameters()} == {torch.float64}
     assert {p.device.type for p in auto.parameters()} == {"cpu"}
 
@@ -55,7 +56,13 @@ def test_without_remote_code_transformers_builds_attention(saved: tuple[Path, to
 
 
 @pytest.mark.parametrize("kwargs, named", [({"load_in_8bit": True}, "load_in_8bit"),
-                                           ({"device_map": {"": 0}}, "device_map")])
+                                           ({"device_map": {"model.embed_tokens": 0, "lm_head": "cpu"}}, "device_map")])
 def test_unsupported_keywords_are_named(saved: tuple[Path, torch.nn.Module], kwargs: dict, named: str) -> None:
     with pytest.raises(StudentError, match=named):
         auto_load(saved[0], **kwargs)
+
+
+def test_keywords_left_at_their_defaults_are_accepted(saved: tuple[Path, torch.nn.Module]) -> None:
+    model = auto_load(saved[0], quantization_config=None, gguf_file=None, max_memory=None, load_in_8bit=False,
+                      revision="main", trust_remote_code=True)
+    assert type(model.model.layers[0].self_attn).__name__ == "DiscreteMamba2"

@@ -70,16 +70,20 @@ def _device(device_map: Any) -> torch.device:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)):
         return torch.device(device_map)
+    if isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) == 1:  # {"": "cuda:0"}: all on one
+        return _device(next(iter(device_map.values())))
     raise StudentError(f"device_map={device_map!r}: a surgery student loads onto one device; give 'cpu', 'cuda', "
-                       "'cuda:N', 'auto' or an int")
+                       "'cuda:N', 'auto', an int or {'': device}")
 
 
 def auto_load(path: str | Path, *model_args: Any, **kwargs: Any) -> nn.Module:
     """``from_pretrained`` of the Auto-class shim: :func:`surgery.load` with the Hugging Face keyword names.
 
     Understands ``dtype`` / ``torch_dtype`` (``"auto"`` keeps the saved dtypes), ``device_map``
-    (one device: ``"cpu"``, ``"cuda:N"``, ``"auto"``, an int) and ``attn_implementation``;
-    hub and download keywords are ignored (the directory is local); anything else is an error.
+    (one device: ``"cpu"``, ``"cuda:N"``, ``"auto"``, an int, or a dict
+    placing everything on one device, as lm-eval-harness passes ``{"": device}``) and ``attn_implementation``;
+    hub and download keywords are ignored (the directory is local), as is any keyword left at None or
+    False (callers such as lm-eval-harness pass ``quantization_config=None``); anything else is an error.
     """
     from .loading import load
 
@@ -91,7 +95,7 @@ def auto_load(path: str | Path, *model_args: Any, **kwargs: Any) -> nn.Module:
     dtype = None if dtype == "auto" else dtype
     device = _device(kwargs.pop("device_map", None))
     attn = kwargs.pop("attn_implementation", None)
-    unknown = sorted(k for k in kwargs if k not in _IGNORED)
+    unknown = sorted(k for k, v in kwargs.items() if k not in _IGNORED and v is not None and v is not False)
     if unknown:
         raise StudentError(f"from_pretrained of a surgery student does not support {', '.join(unknown)} "
                            "(it takes dtype, device_map and attn_implementation); load it with surgery.load")
