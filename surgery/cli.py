@@ -53,6 +53,7 @@ EXAMPLES: dict[str, str] = {
     """,
     "generate": """
         surgery generate runs/smollm2-mamba "def fibonacci(n):" --max-new-tokens 64
+        surgery generate runs/smollm2-mamba "import os" "class Stack:" --max-new-tokens 32   # one batch
     """,
     "eval": """
         surgery eval builtin:smollm2-135m --data builtin:python-docs --tokens 4096
@@ -169,10 +170,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_text
+    from .generate import generate_text, generate_texts
 
     opts = options_from_args(GenerateOptions, args)
-    generate_text(args.model, args.prompt, opts)
+    if len(args.prompt) == 1:
+        generate_text(args.model, args.prompt[0], opts)
+    else:
+        generate_texts(args.model, args.prompt, opts)
     return 0
 
 
@@ -249,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(sub, "generate", cmd_generate)
     p.add_argument("model", metavar="STUDENT_DIR|REF", help="a student directory or a teacher reference")
-    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("prompt", nargs="+", help="the text to continue; several prompts run as one left-padded batch")
     add_options(p, GenerateOptions)
 
     p = _subparser(sub, "eval", cmd_eval)

@@ -18,7 +18,7 @@ import torch
 
 from .options import GenerateOptions
 
-__all__ = ["generate_text", "generation_kwargs", "next_token"]
+__all__ = ["batch_listing", "generate_text", "generate_texts", "generation_kwargs", "next_token"]
 
 
 class _Streamer:
@@ -118,6 +118,22 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
     streamer.end()
 
 
+def batch_listing(prompts: list[str], texts: list[str]) -> str:
+    """Prompts and continuations for a terminal: each under a ``--- i/n ---`` line."""
+    n = len(prompts)
+    return "".join(f"--- {i}/{n} ---\n{p}{t}\n" for i, (p, t) in enumerate(zip(prompts, texts), 1))
+
+
+def _load(model_ref: str, opts: GenerateOptions) -> tuple[Any, Any, torch.device]:
+    from .runtime import resolve_device
+    from .student import load_model_ref
+
+    device = resolve_device(opts.device)
+    loaded = load_model_ref(model_ref, device=device)
+    torch.manual_seed(opts.seed)
+    return loaded.model, loaded.tokenizer, device
+
+
 @torch.inference_mode()
 def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = None, *,
                   stream: TextIO | None = sys.stdout) -> str:
@@ -126,18 +142,13 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     ``stream``: where the prompt and the continuation are written as they come (None: silent).
     """
     from .errors import SurgeryError
-    from .runtime import resolve_device
-    from .student import load_model_ref
 
     opts = opts or GenerateOptions()
-    device = resolve_device(opts.device)
-    loaded = load_model_ref(model_ref, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer, device = _load(model_ref, opts)
     enc = tokenizer(prompt, return_tensors="pt")
     ids = enc["input_ids"].to(device)  # (1, L)
     if ids.shape[1] == 0:
         raise SurgeryError("the prompt encodes to no tokens; give some text to continue")
-    torch.manual_seed(opts.seed)
     streamer = _Streamer(tokenizer, stream)
     if stream is not None:
         stream.write(prompt)
@@ -151,3 +162,35 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
         stream.write("\n")
         stream.flush()
     return streamer.text
+
+
+@torch.inference_mode()
+def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | None = None, *,
+                   stream: TextIO | None = sys.stdout) -> list[str]:
+    """Continue several prompts in one left-padded batch; returns the continuations, in order.
+
+    Each prompt and its continuation are written to ``stream`` when the batch is done, under a
+    ``--- i/n ---`` line (:func:`batch_listing`). Greedy results equal one :func:`generate_text` per prompt (the recurrent
+    cache honours the padding). Not with ``cuda_graph`` (one prompt at a time there).
+    """
+    from .errors import SurgeryError
+
+    opts = opts or GenerateOptions()
+    if opts.cuda_graph:
+        raise SurgeryError("--cuda-graph decodes one prompt at a time; give one prompt, or drop --cuda-graph")
+    model, tokenizer, device = _load(model_ref, opts)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    empty = [i for i, row in enumerate(enc["attention_mask"]) if not row.any()]
+    if empty:
+        raise SurgeryError(f"prompt {empty[0] + 1} encodes to no tokens; give some text to continue")
+    width = enc["input_ids"].shape[1]
+    out = model.generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                         **generation_kwargs(opts, tokenizer, model))  # (b, width + new)
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
+    if stream is not None:
+        stream.write(batch_listing(prompts, texts))
+        stream.flush()
+    return texts

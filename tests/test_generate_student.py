@@ -14,7 +14,8 @@ import torch
 
 import surgery
 from surgery.cache import SSMCacheLayer, SurgeryCache
-from surgery.generate import generate_text
+from surgery.errors import SurgeryError
+from surgery.generate import generate_text, generate_texts
 from surgery.options import GenerateOptions
 from surgery.rewriter import rewrite
 from surgery.student import load, load_tokenizer, save
@@ -102,6 +103,21 @@ def test_generate_text_streams_and_returns(student_dir: Path) -> None:
     assert text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+
+def test_batched_prompts_equal_one_at_a_time(student_dir: Path) -> None:
+    """Several prompts of different lengths in one left-padded batch give each prompt's own greedy text."""
+    prompts = ["def f(x):", "Once upon a time there", "z"]
+    opts = GenerateOptions(max_new_tokens=10, **CPU)
+    buf = io.StringIO()
+    texts = generate_texts(str(student_dir), prompts, opts, stream=buf)
+    assert texts == [generate_text(str(student_dir), p, opts, stream=None) for p in prompts]
+    assert buf.getvalue() == "".join(f"--- {i}/3 ---\n{p}{t}\n" for i, (p, t) in enumerate(zip(prompts, texts), 1))
+
+
+def test_batched_prompts_refuse_cuda_graph(student_dir: Path) -> None:
+    with pytest.raises(SurgeryError, match="one prompt at a time"):
+        generate_texts(str(student_dir), ["a", "b"], GenerateOptions(cuda_graph=True, **CPU), stream=None)
+
 def test_generate_text_sampling_is_seeded(student_dir: Path) -> None:
     opts = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, **CPU)
     a = generate_text(str(student_dir), "x", GenerateOptions(seed=1, **opts), stream=None)
@@ -122,6 +138,12 @@ def test_cli_generate_subprocess(student_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Once upon") and len(proc.stdout) > len("Once upon\n")
     assert "Traceback" not in proc.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "surgery", "generate", str(student_dir), "Once upon", "def g", "--max-new-tokens", "8",
+         "--device", "cpu"], capture_output=True, check=False, text=True, env=env, cwd=ROOT, timeout=120)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.startswith("--- 1/2 ---\n" + proc.stdout)  # batched row 1 == the single run
+    assert "\n--- 2/2 ---\ndef g" in two.stdout
 
 
 @pytest.mark.slow
