@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .base import AttentionWeights
 
 # silu(GATE_OPEN_BIAS) ~= 1: the z_bias that opens a silu gate whose z projection is zero.
 GATE_OPEN_BIAS = 1.2785
@@ -203,3 +207,44 @@ def transfer_out(
         else:
             note = " (teacher bias dropped: bias=False)"
     return "out_proj", f"o[h={tn}]{note}"
+
+
+# A mixer projection that takes teacher heads: (the projection, (its head-count param, value), (its head-dim param, value)).
+HeadTarget = tuple[nn.Linear, tuple[str, int], tuple[str, int]]
+
+
+@torch.no_grad()
+def transfer_qkvo(
+    owner: str, d_model: int, w: AttentionWeights, init: Any, *, C: HeadTarget, B: HeadTarget, x: HeadTarget,
+    out: tuple[nn.Linear, int, int],
+) -> dict[str, str]:
+    """The Q -> C, K -> B, V -> x, O -> out_proj copies ``init`` turns on (``q_to_C`` ...); returns their record.
+
+    ``out`` is ``(out_proj, n_heads, head_dim)``. MOHAWK (arXiv 2408.10189) initialises C, B, x from
+    Q, K, V; Mamba-in-the-Llama (arXiv 2408.15237) also O -> out_proj. Errors name the mixer parameter.
+    """
+    s = w.shape
+    if s.d_model != d_model:
+        raise ValueError(f"{owner}: teacher d_model {s.d_model} != mixer d_model {d_model}")
+    teacher = (s.n_heads, s.n_kv_heads, s.head_dim)
+    plan = [  # option, target, source, source bias, per-query or per-KV, name
+        ("q_to_C", C, w.q, w.q_bias, "q", "q"),
+        ("k_to_B", B, w.k, w.k_bias, "kv", "k"),
+        ("v_to_x", x, w.v, w.v_bias, "kv", "v"),
+    ]
+    record = dict(
+        transfer_heads(owner, flag, proj, count, dim, src, bias, teacher, kind, name)
+        for flag, (proj, count, dim), src, bias, kind, name in plan
+        if getattr(init, flag)
+    )
+    if init.o_to_out:
+        key, text = transfer_out(owner, out[0], out[1], out[2], w.o, w.o_bias)
+        record[key] = text
+    return record
+
+
+def split_conv_window(history: torch.Tensor | None, d_inner: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A cached conv window ``(b, d_inner + bc channels, k-1)`` -> (x part, B|C part); (None, None) without one."""
+    if history is None:
+        return None, None
+    return history[:, :d_inner], history[:, d_inner:]

@@ -39,8 +39,8 @@ from ._common import (
     identity_conv_,
     make_conv,
     name_modules,
-    transfer_heads,
-    transfer_out,
+    split_conv_window,
+    transfer_qkvo,
 )
 from .base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParams
 
@@ -142,12 +142,6 @@ class DiscreteMamba2(Mixer):
 
     # ------------------------------------------------------------------ forward pieces
 
-    def _conv_split(self, history: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Cached conv window ``(b, d_inner + (n_b + n_qk) n, k-1)`` -> (x part, B|C part)."""
-        if history is None:
-            return None, None
-        return history[:, : self.d_inner], history[:, self.d_inner :]
-
     def _matrix_inputs(
         self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -186,7 +180,7 @@ class DiscreteMamba2(Mixer):
     def mix(self, u: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         b, L, _ = u.shape
         slot = self.state_slot(cache)
-        hist_x, hist_bc = self._conv_split(slot.conv_state if slot is not None else None)
+        hist_x, hist_bc = split_conv_window(slot.conv_state if slot is not None else None, self.d_inner)
         state = slot.ssm_state if slot is not None else None
         x, win_x = self._x_inputs(u, mask, hist_x)  # (b, L, h, p)
         log_a, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc)
@@ -235,7 +229,13 @@ class DiscreteMamba2(Mixer):
         record: dict[str, str] = {}
         asked = self.requested_transfers(weights, init)
         if weights is not None and asked:
-            record.update(self._transfer(weights, init))
+            record.update(transfer_qkvo(
+                self.name, self.d_model, weights, init,
+                C=(self.C_proj, ("n_qk_heads", self.n_qk), ("d_state", self.n)),
+                B=(self.B_proj, ("n_b_heads", self.n_b), ("d_state", self.n)),
+                x=(self.x_proj, ("n_v_heads", self.n_v), ("head_dim", self.p)),
+                out=(self.out_proj, self.n_v, self.p),
+            ))
         if init.identity_conv and self.conv_x is not None:
             identity_conv_(self.conv_x)
             identity_conv_(self.conv_bc)
@@ -249,22 +249,3 @@ class DiscreteMamba2(Mixer):
         self.D.fill_(init.D)
         record["D"] = f"{init.D:g}"
         return record
-
-    def _transfer(self, w: AttentionWeights, init: DiscreteMamba2Init) -> dict[str, str]:
-        s = w.shape
-        if s.d_model != self.d_model:
-            raise ValueError(f"discrete_mamba2: teacher d_model {s.d_model} != mixer d_model {self.d_model}")
-        teacher = (s.n_heads, s.n_kv_heads, s.head_dim)
-        plan = [  # option, target projection, (its head count, head dim), source, source bias, per-query or per-KV, name
-            ("q_to_C", self.C_proj, ("n_qk_heads", self.n_qk), ("d_state", self.n), w.q, w.q_bias, "q", "q"),
-            ("k_to_B", self.B_proj, ("n_b_heads", self.n_b), ("d_state", self.n), w.k, w.k_bias, "kv", "k"),
-            ("v_to_x", self.x_proj, ("n_v_heads", self.n_v), ("head_dim", self.p), w.v, w.v_bias, "kv", "v"),
-        ]
-        entries = [
-            transfer_heads("discrete_mamba2", flag, proj, count, dim, src, bias, teacher, kind, name)
-            for flag, proj, count, dim, src, bias, kind, name in plan
-            if getattr(init, flag)
-        ]
-        if init.o_to_out:
-            entries.append(transfer_out("discrete_mamba2", self.out_proj, self.n_v, self.p, w.o, w.o_bias))
-        return dict(entries)

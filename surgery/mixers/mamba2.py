@@ -34,8 +34,8 @@ from ._common import (
     log_uniform_,
     make_conv,
     name_modules,
-    transfer_heads,
-    transfer_out,
+    split_conv_window,
+    transfer_qkvo,
 )
 from .base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParams
 
@@ -191,8 +191,7 @@ class Mamba2(Mixer):
     def mix(self, u: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         b, L, _ = u.shape
         slot = self.state_slot(cache)
-        history = slot.conv_state if slot is not None else None
-        hist_x, hist_bc = (None, None) if history is None else (history[:, : self.d_inner], history[:, self.d_inner :])
+        hist_x, hist_bc = split_conv_window(slot.conv_state if slot is not None else None, self.d_inner)
         state = slot.ssm_state if slot is not None else None
         x, win_x = self._x_inputs(u, mask, hist_x)  # (b, L, h, p)
         dt, A, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc)
@@ -242,22 +241,13 @@ class Mamba2(Mixer):
         record: dict[str, str] = {}
         asked = self.requested_transfers(weights, init)
         if weights is not None and asked:
-            s = weights.shape
-            if s.d_model != self.d_model:
-                raise ValueError(f"mamba2: teacher d_model {s.d_model} != mixer d_model {self.d_model}")
-            teacher, w = (s.n_heads, s.n_kv_heads, s.head_dim), weights
-            plan = [  # option, target projection, (its head count, head dim), source, source bias, kind, name
-                ("q_to_C", self.C_proj, ("ngroups", self.g), ("d_state", self.n), w.q, w.q_bias, "q", "q"),
-                ("k_to_B", self.B_proj, ("ngroups", self.g), ("d_state", self.n), w.k, w.k_bias, "kv", "k"),
-                ("v_to_x", self.x_proj, ("n_heads", self.h), ("head_dim", self.p), w.v, w.v_bias, "kv", "v"),
-            ]
-            for flag, proj, count, dim, src, bias, kind, name in plan:
-                if getattr(init, flag):
-                    key, text = transfer_heads("mamba2", flag, proj, count, dim, src, bias, teacher, kind, name)
-                    record[key] = text
-            if init.o_to_out:
-                key, text = transfer_out("mamba2", self.out_proj, self.h, self.p, w.o, w.o_bias)
-                record[key] = text
+            record.update(transfer_qkvo(
+                self.name, self.d_model, weights, init,
+                C=(self.C_proj, ("ngroups", self.g), ("d_state", self.n)),
+                B=(self.B_proj, ("ngroups", self.g), ("d_state", self.n)),
+                x=(self.x_proj, ("n_heads", self.h), ("head_dim", self.p)),
+                out=(self.out_proj, self.h, self.p),
+            ))
         if init.identity_conv:
             identity_conv_(self.conv_x)
             identity_conv_(self.conv_bc)
