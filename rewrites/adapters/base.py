@@ -172,8 +172,9 @@ def _bias(linear: nn.Module) -> torch.Tensor | None:
 class FamilyAdapter:
     """Base adapter: separate ``q_proj``/``k_proj``/``v_proj`` ``nn.Linear`` projections.
 
-    Subclasses set the class attributes and override :meth:`weights` /
-    :meth:`call_layer` where their family differs.
+    Subclasses set the class attributes (the layer call: :attr:`layer_kwargs`,
+    :attr:`takes_position_embeddings`) and override :meth:`weights`, or :meth:`call_layer`
+    when the family passes positional arguments (GPT-2), where their family differs.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -186,6 +187,9 @@ class FamilyAdapter:
     embedding_paths: ClassVar[tuple[str, ...]] = ("model.embed_tokens",)
     final_norm_path: ClassVar[str] = "model.norm"
     positions: ClassVar[str] = "rope"  # "rope" | "learned"
+    # How the family's model calls a decoder layer, besides hidden states, mask and position ids:
+    layer_kwargs: ClassVar[dict[str, Any]] = {"past_key_values": None, "use_cache": False}  # no cache
+    takes_position_embeddings: ClassVar[bool] = True  # the layer takes the model's (cos, sin)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -312,15 +316,12 @@ class FamilyAdapter:
         position_ids: torch.Tensor | None,  # (b, L)
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin (b, L, rotary_dim)
     ) -> torch.Tensor:
-        """Call ``layer`` the way the family's model does (without a cache)."""
-        return layer(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=None,
-            use_cache=False,
-            position_embeddings=position_embeddings,
-        )
+        """Call ``layer`` the way the family's model does (without a cache): :attr:`layer_kwargs`,
+        and ``position_embeddings`` where :attr:`takes_position_embeddings`."""
+        kwargs = dict(self.layer_kwargs)
+        if self.takes_position_embeddings:
+            kwargs["position_embeddings"] = position_embeddings
+        return layer(hidden_states, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:

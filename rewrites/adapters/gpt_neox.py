@@ -8,7 +8,6 @@ Partial RoPE (``rotary_pct``); the cache argument is named ``layer_past``.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from surgery.mixers.base import AttentionShape, AttentionWeights
@@ -59,19 +58,4 @@ class GPTNeoXAdapter(FamilyAdapter):
             out["o_bias"] = "dense.bias"
         return out
 
-    def call_layer(
-        self,
-        layer: nn.Module,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        return layer(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            layer_past=None,
-            use_cache=False,
-            position_embeddings=position_embeddings,
-        )
+    layer_kwargs = {"layer_past": None, "use_cache": False}  # GPTNeoXModel names the cache layer_past

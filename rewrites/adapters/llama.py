@@ -8,9 +8,6 @@ and sliding windows (handled by the base class from ``config.layer_types``).
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from .base import FamilyAdapter, register_adapter
 
 
@@ -23,18 +20,4 @@ class LlamaAdapter(FamilyAdapter):
 class Gemma3Adapter(FamilyAdapter):
     """Gemma3: Llama layout; the model calls layers without ``use_cache``."""
 
-    def call_layer(
-        self,
-        layer: nn.Module,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        return layer(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            position_ids=position_ids,
-            past_key_values=None,
-        )
+    layer_kwargs = {"past_key_values": None}  # Gemma3Model passes no use_cache

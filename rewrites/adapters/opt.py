@@ -8,9 +8,6 @@ Learned absolute positions (``embed_positions``), no RoPE and no
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from .base import FamilyAdapter, register_adapter
 
 
@@ -22,18 +19,4 @@ class OPTAdapter(FamilyAdapter):
     final_norm_path = "model.decoder.final_layer_norm"
     positions = "learned"
 
-    def call_layer(
-        self,
-        layer: nn.Module,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        return layer(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=None,
-            use_cache=False,
-        )
+    takes_position_embeddings = False  # learned positions: no (cos, sin) argument
