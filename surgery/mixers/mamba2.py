@@ -198,7 +198,7 @@ class Mamba2(Mixer):
         if state is not None and L == 1:  # decoding: one recurrence step
             log_a, x_in = ops.dt_to_decay(x[:, 0], dt[:, 0], A)  # (b, h), (b, h, p)
             y, state = ops.ssd_step(x_in, log_a, B[:, 0], C[:, 0], state=state)
-            y = (y + x[:, 0].to(y.dtype) * self.D.to(y.dtype)[:, None]).to(x.dtype)[:, None]  # (b, 1, h, p)
+            y = (y + ops.skip_term(self.D, x[:, 0].to(y.dtype))).to(x.dtype)[:, None]  # (b, 1, h, p)
         else:
             y, state = ops.ssd_dt(x, dt, A, B, C, chunk_size=self.params.chunk_size, D=self.D, initial_state=state)
         if slot is not None:

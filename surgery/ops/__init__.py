@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from .ssd_reference import compute_dtype, segsum, ssd_chunked, ssd_matrix, ssd_naive, ssd_step
+from .ssd_reference import compute_dtype, segsum, skip_term, ssd_chunked, ssd_matrix, ssd_naive, ssd_step
 
 Backend = Literal["auto", "reference", "triton"]
 _WARNED = False
@@ -33,6 +33,7 @@ __all__ = [
     "compute_dtype",
     "kernel_available",
     "segsum",
+    "skip_term",
     "ssd",
     "ssd_chunked",
     "ssd_dt",
@@ -143,7 +144,7 @@ def ssd_dt(
     log_a, x_in = dt_to_decay(x, dt, A)
     y, final = ssd_chunked(x_in, log_a, B, C, chunk_size, initial_state=initial_state)
     if D is not None:
-        y = y + x.to(y.dtype) * (D[:, None] if D.ndim == 1 else D).to(y.dtype)
+        y = y + skip_term(D, x.to(y.dtype))
     return y.to(x.dtype), final
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from .ssd_reference import _common_groups
+from .ssd_reference import _common_groups, skip_term
 
 _KERNEL: Callable[..., object] | None = None
 _LOAD_ERROR: str | None = None
@@ -142,5 +142,5 @@ def ssd_triton(
     A = -torch.ones(x.shape[2], device=x.device, dtype=torch.float32)
     y, final = ssd_dt_triton(x_in, dt, A, B, C, chunk_size, D=None, initial_state=initial_state)
     if D is not None:  # D multiplies the unscaled x (the kernel's D would multiply x / dt)
-        y = y + x * (D[:, None] if D.ndim == 1 else D).to(x.dtype)
+        y = y + skip_term(D, x)
     return y, final

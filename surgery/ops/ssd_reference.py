@@ -29,6 +29,7 @@ __all__ = [
     "compute_dtype",
     "expand_groups",
     "segsum",
+    "skip_term",
     "ssd_chunked",
     "ssd_matrix",
     "ssd_naive",
@@ -132,11 +133,11 @@ def ssd_step(
     state = decay * state.to(dtype) + xf[..., :, None] * Bh[:, :, None, :]  # (b, h, p, n)
     y = torch.einsum("bhpn,bhn->bhp", state, Ch)
     if D is not None:
-        y = y + _d_term(D, xf)
+        y = y + skip_term(D, xf)
     return y.to(x.dtype), state
 
 
-def _d_term(D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def skip_term(D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``D x`` for D of shape (h,) or (h, p) and x (..., h, p)."""
     D = D.to(x.dtype)
     return x * (D[:, None] if D.ndim == 1 else D)
@@ -213,7 +214,7 @@ def ssd_chunked(
 
     y = (y_diag + y_off).reshape(b, c * Q, h, p)[:, :L]  # (b, L, h, p)
     if D is not None:
-        y = y + _d_term(D, xf[:, :L])
+        y = y + skip_term(D, xf[:, :L])
     return y.to(x.dtype), final.reshape(b, h, p, n)
 
 
