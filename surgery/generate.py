@@ -170,8 +170,9 @@ def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | N
     """Continue several prompts in one left-padded batch; returns the continuations, in order.
 
     Each prompt and its continuation are written to ``stream`` when the batch is done, under a
-    ``--- i/n ---`` line (:func:`batch_listing`). Greedy results equal one :func:`generate_text` per prompt (the recurrent
-    cache honours the padding). Not with ``cuda_graph`` (one prompt at a time there).
+    ``--- i/n ---`` line (:func:`batch_listing`). Greedy results equal one :func:`generate_text`
+    per prompt (the recurrent cache honours the padding). Not with ``cuda_graph`` (one prompt at
+    a time there).
     """
     from .errors import SurgeryError
 
