@@ -11,7 +11,7 @@ The student is ``surgery.rewrite(teacher, [discrete_mamba2 everywhere])`` with u
 (speed does not depend on them) unless ``--student DIR`` names a saved one. For each model,
 batch and context: a prefill of ``context`` random tokens (``logits_to_keep=1``), then
 ``--warmup`` untimed and ``--steps`` timed greedy decode steps, each one ``model(next_token,
-past_key_values=cache)`` (what ``generate`` does per token, without its bookkeeping). Columns:
+cache=cache)`` (what ``generate`` does per token, without its bookkeeping). Columns:
 
 * ``ms/token``   -- decode time per step (CUDA events on GPU, perf_counter on CPU); ``tok/s`` = batch / that,
 * ``prefill peak`` / ``decode peak`` -- ``torch.cuda.max_memory_allocated`` during the prefill / the timed
@@ -37,6 +37,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgery.hf_conventions import cache_keyword, output_cache  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -156,17 +158,18 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     out = model(ids, use_cache=True, **kw)
     prefill_ms = timer.stop()
     prefill_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    cache = out.past_key_values
+    cache = output_cache(out)
+    step_kw = {**kw, cache_keyword(model.forward): cache, "use_cache": True}
     nxt = out.logits[:, -1:].argmax(-1)  # (b, 1)
     del out
     for _ in range(args.warmup):
-        nxt = model(nxt, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, **step_kw).logits[:, -1:].argmax(-1)
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
     timer.start()
     for _ in range(args.steps):
-        nxt = model(nxt, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, **step_kw).logits[:, -1:].argmax(-1)
     ms = timer.stop() / args.steps
     row = {"batch": batch, "context": context, "prefill_ms": prefill_ms, "ms_per_token": ms,
            "tokens_per_s": batch * 1e3 / ms, "state_bytes": cache_bytes(cache), "cache": type(cache).__name__}
@@ -175,7 +178,7 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
         row["prefill_peak_bytes"] = prefill_peak
     if args.cuda_graph and hasattr(model, "new_surgery_cache"):
         row.update(graph_decode(model, cache, nxt, args))
-    del cache
+    del cache, step_kw
     return row
 
 

@@ -19,7 +19,12 @@ A student's mixers also accept the plain ``DynamicCache`` that a model's ``forwa
 ``SurgeryCache``; safe because the subclass adds no state of its own and is only needed from
 the second forward on). Every other cache type (static, quantized, a DynamicCache subclass, a
 cache whose mixer slot already holds KV) raises a ``TypeError`` that says what to do.
-:func:`enable_recurrent_cache` makes the model create a ``SurgeryCache`` itself.
+:func:`enable_recurrent_cache` makes the model create a ``SurgeryCache`` itself, handing it to
+``forward`` and ``generate`` the documented way: as the cache keyword argument (``cache`` from
+transformers 5.24, ``past_key_values`` before; :mod:`surgery.hf_conventions`).
+
+Never silently wrong: a mixer whose slot is empty although the cache has seen earlier tokens
+(the state was dropped or the cache rebuilt between steps) raises :class:`MissingStateError`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,16 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
 
-__all__ = ["SSMCacheLayer", "SurgeryCache", "enable_recurrent_cache", "mixer_layer_indices", "surgery_cache"]
+from .hf_conventions import MODEL_CACHE_KEYWORDS, cache_keyword
+
+__all__ = [
+    "MissingStateError", "SSMCacheLayer", "SurgeryCache", "check_continuation_has_state", "enable_recurrent_cache",
+    "mixer_layer_indices", "surgery_cache",
+]
+
+
+class MissingStateError(RuntimeError):
+    """A mixer found its recurrent state missing from a cache that has seen earlier tokens."""
 
 
 class SSMCacheLayer(LinearAttentionCacheLayerMixin):
@@ -160,6 +174,26 @@ class SurgeryCache(DynamicCache):
         self.layers[layer_idx] = layer
         return layer
 
+    def check_state_present(self, layer_idx: int, n_tokens: int) -> None:
+        """Raise :class:`MissingStateError` if mixer ``layer_idx`` has no state but the cache has seen earlier tokens.
+
+        ``n_tokens``: the length of the forward now running. Layers before ``layer_idx`` have
+        already taken those tokens in this forward; layers after it have not.
+        """
+        if self._is_ssm(layer_idx) and self.layers[layer_idx].has_state:
+            return
+        past = 0
+        for i, layer in enumerate(self.layers):
+            if i != layer_idx:
+                past = max(past, layer.get_seq_length() - (n_tokens if i < layer_idx else 0))
+        if past > 0:
+            raise MissingStateError(
+                f"the SSM state of layer {layer_idx} is missing from a cache that has already seen {past} tokens: the "
+                "cache was rebuilt or its mixer layers dropped between decoding steps, and carrying on would generate "
+                "from a blank state. Pass the same SurgeryCache to every step (model(..., use_cache=True) returns it), "
+                "or use a transformers version from the supported range (README, 'Dependencies')"
+            )
+
     def _is_ssm(self, layer_idx: int) -> bool:
         return layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], SSMCacheLayer)
 
@@ -198,6 +232,30 @@ def surgery_cache(cache: Any) -> SurgeryCache:
     )
 
 
+def check_continuation_has_state(cache: Any, layer_idx: int, position_ids: Any) -> None:
+    """Raise :class:`MissingStateError` when a call continues a sequence but mixer ``layer_idx`` has no state.
+
+    A continuation is a call whose ``position_ids (b, L)`` all start after 0 (prefills always hold
+    position 0, left-padded rows included); without state in ``cache`` (or without a cache) the
+    mixer would decode those tokens as if nothing came before them.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
+        return
+    if cache is not None:
+        full = cache if isinstance(cache, SSMCacheLayer) else surgery_cache(cache)
+        slot = full if isinstance(full, SSMCacheLayer) else (full.layers[layer_idx] if full._is_ssm(layer_idx) else None)
+        if slot is not None and slot.has_state:
+            return
+    first = int(position_ids.min())
+    if first > 0:
+        raise MissingStateError(
+            f"layer {layer_idx} (an SSM mixer) was asked to continue a sequence at position {first} with "
+            f"{'no cache' if cache is None else 'a cache holding no state for it'}: the recurrent state of the earlier "
+            "tokens is missing, and carrying on would generate from a blank state. Pass the cache that the earlier "
+            "call returned (model(..., use_cache=True)), or start at position 0"
+        )
+
+
 def mixer_layer_indices(model: nn.Module) -> list[int]:
     """Decoder layer indices of the SSM mixers in ``model``."""
     from .mixers.base import Mixer
@@ -215,29 +273,38 @@ def _recurrent_subclass(cls: type) -> type:
     if cls in _SUBCLASSES:
         return _SUBCLASSES[cls]
     signature = inspect.signature(cls.forward)
+    generate_signature = inspect.signature(cls.generate)
+    key = cache_keyword(cls.forward)  # "cache" (transformers >= 5.24) or "past_key_values"
+
+    def has_cache(bound: dict[str, Any], kwargs: dict[str, Any]) -> bool:
+        return any(bound.get(k) is not None or kwargs.get(k) is not None for k in MODEL_CACHE_KEYWORDS)
 
     @functools.wraps(cls.forward)  # keeps the signature: generate inspects it (position_ids, logits_to_keep)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind_partial(self, *args, **kwargs).arguments
-        use_cache = bound.get("use_cache")
+        use_cache = bound.get("use_cache", kwargs.get("use_cache"))
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
-        if use_cache and bound.get("past_key_values") is None and "past_key_values" in signature.parameters:
-            kwargs["past_key_values"] = self.new_surgery_cache()
+        if use_cache and not has_cache(bound, kwargs):
+            kwargs[key] = self.new_surgery_cache()
         return cls.forward(self, *args, **kwargs)
 
-    def _prepare_cache_for_generation(self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation not in (None, "dynamic"):
-                raise ValueError(
-                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by SSM students; "
-                    "leave it unset (a SurgeryCache is used)"
-                )
-            model_kwargs["past_key_values"] = self.new_surgery_cache()
-            result = cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-            model_kwargs["past_key_values"]._is_user_defined = False  # generate made it; do not keep it alive
-            return result
-        return cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    @functools.wraps(cls.generate)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` with a fresh :class:`SurgeryCache` passed in, as a caller-provided cache (public API)."""
+        bound = generate_signature.bind_partial(self, *args, **kwargs).arguments
+        config = bound.get("generation_config") or self.generation_config
+        implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by SSM students; "
+                "leave it unset (a SurgeryCache is used)"
+            )
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        # "dynamic": generate builds its DynamicCache, which the mixers upgrade in place (surgery_cache)
+        if use_cache is not False and implementation is None and not has_cache(bound, kwargs):
+            kwargs[key] = self.new_surgery_cache()
+        return cls.generate(self, *args, **kwargs)
 
     def new_surgery_cache(self: Any) -> SurgeryCache:
         """A fresh :class:`SurgeryCache` for this model (mixer slots pre-created)."""
@@ -255,7 +322,7 @@ def _recurrent_subclass(cls: type) -> type:
             "_surgery_recurrent": True,
             "_is_stateful": True,  # generate refuses assisted decoding (states cannot be rolled back)
             "forward": forward,
-            "_prepare_cache_for_generation": _prepare_cache_for_generation,
+            "generate": generate,
             "new_surgery_cache": new_surgery_cache,
         },
     )
@@ -268,9 +335,9 @@ def enable_recurrent_cache(model: nn.Module) -> nn.Module:
     """Make ``model(..., use_cache=True)`` and ``model.generate(...)`` use a :class:`SurgeryCache` by default.
 
     The model's class is swapped (in place; the same object is returned) for a cached dynamic
-    subclass that overrides ``forward`` (a ``SurgeryCache`` is created where the model would
-    create a ``DynamicCache``) and ``_prepare_cache_for_generation`` (the hook ``generate`` uses to
-    build its cache). A subclass rather than patched instance methods because it survives
+    subclass that overrides ``forward`` and ``generate``: where the caller gave no cache, a fresh
+    ``SurgeryCache`` is passed in as the cache keyword argument, the public way of giving
+    transformers a cache (``generate`` then treats it as the caller's). A subclass rather than patched instance methods because it survives
     ``copy.deepcopy`` and pickling, keeps ``forward``'s signature (``generate`` inspects it) and
     keeps the class name that ``save_pretrained`` records. It also marks the model stateful, so
     ``generate`` refuses assisted decoding, which would need to roll SSM states back.

@@ -98,6 +98,7 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
     """Prefill with the model's forward, then decode through :class:`~surgery.graph_decode.GraphedDecoder`."""
     from .errors import SurgeryError
     from .graph_decode import GraphedDecoder, graph_unsupported_reason
+    from .hf_conventions import output_cache
 
     if not ids.is_cuda:
         raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
@@ -108,7 +109,7 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
     streamer.put(ids.cpu())  # the prompt (skipped by the streamer)
     out = model(ids, use_cache=True)
     token = next_token(out.logits[:, -1], opts, generator)  # (1, 1)
-    decoder = GraphedDecoder(model, out.past_key_values, token, capture=True)
+    decoder = GraphedDecoder(model, output_cache(out), token, capture=True)
     eos = tokenizer.eos_token_id
     for i in range(opts.max_new_tokens):
         streamer.put(token.cpu())

@@ -50,12 +50,14 @@ class StaticDecoder:
         import inspect
 
         from .cache import SSMCacheLayer
+        from .hf_conventions import cache_keyword
 
         self.slots = list(cache.layers)
         if not self.slots or not all(isinstance(s, SSMCacheLayer) for s in self.slots):
             raise NotImplementedError("the student keeps attention layers (their KV cache grows each step)")
         self.model, self.cache, self.greedy = model, cache, greedy
         self.kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.kw[cache_keyword(model.forward)] = cache
         self.ids = first_ids.clone()  # (b, 1)
         self.states = [(s.recurrent_states[0].clone(), None if s.conv_states[0] is None else s.conv_states[0].clone())
                        for s in self.slots]  # per layer: ssm (b, h, p, n), conv (b, channels, k-1)
@@ -65,7 +67,7 @@ class StaticDecoder:
         for slot, (ssm, conv) in zip(self.slots, self.states):  # the cache reads the static buffers ...
             slot.recurrent_states[0] = ssm
             slot.conv_states[0] = conv
-        logits = self.model(self.ids, past_key_values=self.cache, use_cache=True, **self.kw).logits
+        logits = self.model(self.ids, use_cache=True, **self.kw).logits
         for slot, (ssm, conv) in zip(self.slots, self.states):  # ... and the new state goes back into them
             ssm.copy_(slot.recurrent_states[0])
             if conv is not None:

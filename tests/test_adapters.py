@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from rewrites.adapters import UnsupportedModelError, get_adapter, supported_families
 from surgery.random_models import FAMILIES, random_model
 
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
+
 
 _CAPTURED: dict[str, torch.Tensor] = {}
 

@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 from surgery.cache import enable_recurrent_cache
+from surgery.hf_conventions import output_cache
 from surgery.mixers.testing import naive_student
 from surgery.random_models import random_model
+
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
 
 ALL = ["gemma", "gemma3_text", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi", "qwen2", "qwen3"]
 CORE = ["llama", "phi", "gpt2"]
@@ -38,7 +41,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_greedy(model: nn.Module, ids: torch.Tensor, new: int = 5, **kwargs: object) -> None:
     out = model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
-    assert type(out.past_key_values).__name__ == "SurgeryCache"
+    assert type(output_cache(out)).__name__ == "SurgeryCache"
     full = model(out.sequences, use_cache=False, **{k: v for k, v in kwargs.items() if k != "attention_mask"}).logits
     assert max_diff(torch.stack(out.logits, 1), full[:, ids.shape[1] - 1 : -1]) < TOL
 

@@ -12,8 +12,11 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from surgery.cache import SurgeryCache, enable_recurrent_cache, mixer_layer_indices, surgery_cache
+from surgery.hf_conventions import cache_keyword, output_cache
 from surgery.mixers.testing import naive_student
 from surgery.random_models import random_model, random_config
+
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
 
 
 def student(family: str = "llama", layers: list[int] | None = None, mixer: str = "discrete_mamba2", enable: bool = True):
@@ -63,7 +66,7 @@ def test_plain_dynamic_cache_is_upgraded_other_caches_raise() -> None:
         surgery_cache(static)
     model = student(enable=False)
     with pytest.raises(TypeError, match="enable_recurrent_cache"):
-        model(torch.randint(3, 300, (1, 4)), past_key_values=StaticCache(config=model.config, max_cache_len=16))
+        model(torch.randint(3, 300, (1, 4)), **{cache_keyword(model.forward): StaticCache(config=model.config, max_cache_len=16)})
 
 
 def test_student_without_enable_still_decodes_correctly() -> None:
@@ -71,8 +74,8 @@ def test_student_without_enable_still_decodes_correctly() -> None:
     ids = torch.randint(3, 300, (2, 9))
     full = model(ids, use_cache=False).logits
     out = model(ids[:, :6], use_cache=True)
-    assert isinstance(out.past_key_values, SurgeryCache)
-    step = model(ids[:, 6:], past_key_values=out.past_key_values).logits
+    assert isinstance(output_cache(out), SurgeryCache)
+    step = model(ids[:, 6:], **{cache_keyword(model.forward): output_cache(out)}).logits
     assert (step - full[:, 6:]).abs().max() < 1e-5
 
 
@@ -84,10 +87,10 @@ def test_enable_recurrent_cache() -> None:
     assert enable_recurrent_cache(model) is model and type(model) is cls  # idempotent
     assert mixer_layer_indices(model) == [0, 1]
     ids = torch.randint(3, 300, (1, 5))
-    cache = model(ids).past_key_values
+    cache = output_cache(model(ids))
     assert isinstance(cache, SurgeryCache) and [type(x).__name__ for x in cache.layers][:2] == ["SSMCacheLayer"] * 2
     assert cache.get_seq_length() == 5
-    assert model(ids, use_cache=False).past_key_values is None
+    assert output_cache(model(ids, use_cache=False)) is None
     # copies and saves as the original architecture (the project never unpickles; see test_student_safety)
     twin = copy.deepcopy(model)
     assert type(twin) is cls and torch.equal(twin(ids).logits, model(ids).logits)

@@ -16,10 +16,13 @@ import surgery
 from surgery.cache import SSMCacheLayer, SurgeryCache
 from surgery.errors import SurgeryError
 from surgery.generate import generate_text, generate_texts
+from surgery.hf_conventions import output_cache
 from surgery.options import GenerateOptions
 from surgery.rewriter import rewrite
 from surgery.student import load, load_tokenizer, save
 from surgery.teacher import load_teacher
+
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = {"device": "cpu"}
@@ -55,7 +58,7 @@ def test_cached_generation_equals_recomputation(tmp_path: Path, family: str, rul
     ids = prompt()
     out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
                          output_logits=True, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, SurgeryCache)  # the default, nothing passed
+    assert isinstance(output_cache(out), SurgeryCache)  # the default, nothing passed
     full = model(out.sequences, use_cache=False).logits  # (b, L + 6, V), no cache at all
     step = torch.stack(out.logits, 1)  # (b, 6, V)
     assert (step - full[:, ids.shape[1] - 1 : -1]).abs().max().item() < 1e-4
@@ -79,13 +82,13 @@ def test_state_does_not_grow_with_generated_length(student_dir: Path) -> None:
     short = model.generate(ids, max_new_tokens=n, **kw)
     long = model.generate(ids, max_new_tokens=2 * n, **kw)
     assert long.sequences.shape[1] - short.sequences.shape[1] == n
-    size_n, shapes_n = _state_bytes(short.past_key_values)
-    size_2n, shapes_2n = _state_bytes(long.past_key_values)
+    size_n, shapes_n = _state_bytes(output_cache(short))
+    size_2n, shapes_2n = _state_bytes(output_cache(long))
     assert shapes_n == shapes_2n and size_n == size_2n  # constant per sequence
-    assert long.past_key_values.get_seq_length() == short.past_key_values.get_seq_length() + n
+    assert output_cache(long).get_seq_length() == output_cache(short).get_seq_length() + n
     # the teacher's KV cache, measured the same way, does grow
     teacher = load_teacher("random:llama").model
-    kv = [teacher.generate(ids, max_new_tokens=m, **kw).past_key_values for m in (n, 2 * n)]
+    kv = [output_cache(teacher.generate(ids, max_new_tokens=m, **kw)) for m in (n, 2 * n)]
     assert kv[1].layers[0].keys.shape[-2] == kv[0].layers[0].keys.shape[-2] + n
 
 
@@ -157,7 +160,7 @@ def test_embedded_teacher_student_generates(tmp_path: Path) -> None:
     model = surgery.load(d)
     ids = teacher.tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, SurgeryCache)
+    assert isinstance(output_cache(out), SurgeryCache)
     full = model(out.sequences, use_cache=False).logits
     assert (torch.stack(out.logits, 1) - full[:, ids.shape[1] - 1 : -1]).abs().max().item() < 1e-3
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from surgery.graph_decode import GraphedDecoder
+from surgery.hf_conventions import output_cache
 from surgery.random_models import random_model
 from surgery.recipe import ReplaceRule
 from surgery.rewriter import rewrite
@@ -25,7 +26,7 @@ def test_captured_greedy_decode_equals_generate(cuda: torch.device) -> None:
                               eos_token_id=None)  # never stop early: the decoder does not
         out = model(ids, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        dec = GraphedDecoder(model, out.past_key_values, token, greedy=True, capture=True)
+        dec = GraphedDecoder(model, output_cache(out), token, greedy=True, capture=True)
         assert dec.graph is not None
         tokens, logits = [token], [out.logits[:, -1]]
         for _ in range(11):

@@ -9,6 +9,8 @@ import torch
 from surgery.graph import capture_block_call, check_splice, trace_block, trace_model
 from surgery.random_models import FAMILIES, random_model
 
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
+
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -8,10 +8,13 @@ import torch
 from surgery.errors import SurgeryError
 from surgery.generate import next_token
 from surgery.graph_decode import GraphedDecoder, graph_unsupported_reason
+from surgery.hf_conventions import output_cache
 from surgery.options import GenerateOptions
 from surgery.random_models import random_model
 from surgery.recipe import ReplaceRule
 from surgery.rewriter import rewrite
+
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
 
 FULL = [ReplaceRule(mixer="discrete_mamba2", params={"chunk_size": 16})]
 
@@ -30,7 +33,7 @@ def test_static_steps_equal_generate(greedy_inside: bool) -> None:
                               eos_token_id=None)  # never stop early: the decoder does not
         out = model(ids, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        dec = GraphedDecoder(model, out.past_key_values, token, greedy=greedy_inside, capture=False)
+        dec = GraphedDecoder(model, output_cache(out), token, greedy=greedy_inside, capture=False)
         tokens, logits = [token], [out.logits[:, -1]]
         for _ in range(5):
             step = dec(None if greedy_inside else token)

@@ -9,6 +9,8 @@ from transformers import DynamicCache
 from surgery.cache import SurgeryCache
 from surgery.mixers import MIXERS, AttentionShape, AttentionWeights, get_mixer
 
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
+
 GQA = AttentionShape(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8)
 MHA = AttentionShape(d_model=32, n_heads=4, n_kv_heads=4, head_dim=8)
 

@@ -17,6 +17,8 @@ from surgery.mixers import Mixer
 from surgery.random_models import FAMILIES, random_model
 from surgery.rewriter import Plan, plan, rewrite, splice
 
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
+
 
 
 @pytest.fixture(autouse=True)

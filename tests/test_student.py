@@ -12,9 +12,12 @@ from safetensors import safe_open
 import surgery
 from surgery.cache import SurgeryCache
 from surgery.errors import StudentError
+from surgery.hf_conventions import output_cache
 from surgery.rewriter import rewrite
 from surgery.student import load, load_tokenizer, save, validate
 from surgery.teacher import load_teacher
+
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
 
 RULE = {"mixer": "discrete_mamba2", "params": {"d_state": 16, "chunk_size": 8}}
 
@@ -197,4 +200,4 @@ def test_loaded_student_uses_recurrent_cache(tmp_path: Path) -> None:
     save(student, tmp_path / "s", tokenizer=teacher.tokenizer, plan=plan)
     loaded = load(tmp_path / "s")
     out = loaded(ids(), use_cache=True)
-    assert isinstance(out.past_key_values, SurgeryCache)
+    assert isinstance(output_cache(out), SurgeryCache)

@@ -25,6 +25,8 @@ from surgery.options import ApplyOptions
 from surgery.pipeline import Run
 from surgery.recipe import Recipe
 
+pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["llama", "phi", "gpt2"]
 FAST = ["stages.stage1.tokens=256", "stages.stage2.tokens=256", "stages.stage3.tokens=256", "verify.tokens=128",
@@ -46,6 +48,7 @@ FRESH = textwrap.dedent(
     import surgery
     from safetensors.torch import load_file, save_file
     from surgery.cache import SurgeryCache
+    from surgery.hf_conventions import output_cache
 
     dirs, ids_path, out_path, NEW = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     ids = load_file(ids_path)["ids"]
@@ -56,7 +59,7 @@ FRESH = textwrap.dedent(
         with torch.no_grad():
             out[name + ".logits"] = model(ids, use_cache=False).logits
             gen = model.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-        assert isinstance(gen.past_key_values, SurgeryCache), type(gen.past_key_values)
+        assert isinstance(output_cache(gen), SurgeryCache), type(output_cache(gen))
         out[name + ".generated"] = gen.sequences
     assert "surgery.teacher" not in sys.modules, "loading a student must not touch teacher code"
     save_file(out, out_path)

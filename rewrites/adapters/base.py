@@ -188,7 +188,8 @@ class FamilyAdapter:
     final_norm_path: ClassVar[str] = "model.norm"
     positions: ClassVar[str] = "rope"  # "rope" | "learned"
     # How the family's model calls a decoder layer, besides hidden states, mask and position ids:
-    layer_kwargs: ClassVar[dict[str, Any]] = {"past_key_values": None, "use_cache": False}  # no cache
+    # (no cache keyword: its default, None, is the same in every version, whatever the keyword is called)
+    layer_kwargs: ClassVar[dict[str, Any]] = {"use_cache": False}
     takes_position_embeddings: ClassVar[bool] = True  # the layer takes the model's (cos, sin)
 
     def __init__(self, model: nn.Module) -> None:

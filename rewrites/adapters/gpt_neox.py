@@ -58,4 +58,4 @@ class GPTNeoXAdapter(FamilyAdapter):
             out["o_bias"] = "dense.bias"
         return out
 
-    layer_kwargs = {"layer_past": None, "use_cache": False}  # GPTNeoXModel names the cache layer_past
+    layer_kwargs = {"use_cache": False}

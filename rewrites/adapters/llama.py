@@ -20,4 +20,4 @@ class LlamaAdapter(FamilyAdapter):
 class Gemma3Adapter(FamilyAdapter):
     """Gemma3: Llama layout; the model calls layers without ``use_cache``."""
 
-    layer_kwargs = {"past_key_values": None}  # Gemma3Model passes no use_cache
+    layer_kwargs: dict = {}  # Gemma3Model passes no use_cache

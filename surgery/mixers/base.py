@@ -3,8 +3,9 @@
 A :class:`Mixer` stands where a teacher attention module stood. It is called by
 the unchanged teacher decoder block with the family's attention call contract
 (``hidden_states`` by keyword or positionally, a 4-D ``attention_mask``, the
-cache as ``past_key_values`` / ``layer_past`` / ``past_key_value``) and must
-return ``(output[b, L, d_model], None)``. Subclasses implement the pure pieces:
+cache under one of :data:`surgery.hf_conventions.ATTENTION_CACHE_KEYWORDS`) and must
+return ``(output[b, L, d_model], None)``. A call it does not recognise (a cache under
+another name) raises rather than running without state. Subclasses implement the pure pieces:
 
 * :meth:`Mixer.mix` -- the sequence mixer on ``u (b, L, d_model)``,
 * :meth:`Mixer.materialize` -- its mixing matrix ``(b, h, L, L)`` for stage 1,
@@ -16,7 +17,9 @@ return ``(output[b, L, d_model], None)``. Subclasses implement the pure pieces:
 Padding and state: :meth:`Mixer.forward` reads each current token's validity off the 4-D
 mask the block passes (:func:`surgery.mixers._common.token_validity`) and the mixer's state
 slot off the cache (:class:`surgery.cache.SurgeryCache`; a plain ``DynamicCache`` is upgraded
-in place, other caches raise). Padding tokens contribute nothing to the state.
+in place, other caches raise). Padding tokens contribute nothing to the state. A cache whose
+other layers have seen tokens while this layer's slot is empty -- the state went missing
+between steps -- raises :class:`surgery.cache.MissingStateError` instead of starting afresh.
 
 Weights of the teacher attention reach a mixer in one common layout
 (:class:`AttentionWeights`), whatever the family's fused / transposed layout;
@@ -32,7 +35,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..cache import SSMCacheLayer, surgery_cache
+from ..cache import SSMCacheLayer, check_continuation_has_state, surgery_cache
+from ..hf_conventions import attention_call_cache
 from ._common import token_validity
 
 
@@ -155,30 +159,36 @@ class Mixer(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """Attention call contract of every supported family -> ``(output, None)``.
 
-        ``hidden_states`` comes by keyword or as the first positional argument; the cache as
-        ``past_key_values`` (most families), ``layer_past`` (GPT-NeoX) or ``past_key_value``;
-        everything else (positions, rotary embeddings, ``use_cache``) is ignored.
+        ``hidden_states`` comes by keyword or as the first positional argument; the cache under
+        one of the known keywords (:func:`surgery.hf_conventions.attention_call_cache`, which
+        raises on a cache handed over any other way); everything else (rotary embeddings,
+        ``use_cache``) is ignored. In eval mode, ``position_ids`` that continue a sequence
+        (all > 0) while this layer has no state raise
+        :class:`~surgery.cache.MissingStateError` (one host read per such call; never while training).
         """
         hidden_states = kwargs.pop("hidden_states", None)
         if hidden_states is None:
-            hidden_states = args[0]
-        attention_mask = kwargs.get("attention_mask")
-        cache = None
-        for key in ("past_key_values", "layer_past", "past_key_value"):
-            if kwargs.get(key) is not None:  # not `or`: an empty Cache is falsy (len 0)
-                cache = kwargs[key]
-                break
-        return self.mix_with_contract(hidden_states, attention_mask, cache), None
+            hidden_states, args = args[0], args[1:]
+        cache = attention_call_cache(args, kwargs)
+        if not self.training:
+            check_continuation_has_state(cache, self.layer_idx, kwargs.get("position_ids"))
+        return self.mix_with_contract(hidden_states, kwargs.get("attention_mask"), cache), None
 
     def mix_with_contract(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
         """Turn the family's mask into per-token validity (see :func:`token_validity`) and call :meth:`mix`."""
         return self.mix(hidden_states, token_validity(attention_mask, hidden_states.shape[1]), cache)
 
-    def state_slot(self, cache: Any) -> SSMCacheLayer | None:
-        """This layer's recurrent state in ``cache`` (a Cache, an :class:`SSMCacheLayer` or None)."""
+    def state_slot(self, cache: Any, n_tokens: int) -> SSMCacheLayer | None:
+        """This layer's recurrent state in ``cache`` (a Cache, an :class:`SSMCacheLayer` or None).
+
+        ``n_tokens``: the current call's length. Raises :class:`~surgery.cache.MissingStateError`
+        when the slot is empty although the cache's other layers have seen earlier tokens.
+        """
         if cache is None or isinstance(cache, SSMCacheLayer):
             return cache
-        return surgery_cache(cache).ssm_layer(self.layer_idx)
+        full = surgery_cache(cache)
+        full.check_state_present(self.layer_idx, n_tokens)
+        return full.ssm_layer(self.layer_idx)
 
     # ------------------------------------------------------------------ pure pieces
 

@@ -179,7 +179,7 @@ class DiscreteMamba2(Mixer):
 
     def mix(self, u: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         b, L, _ = u.shape
-        slot = self.state_slot(cache)
+        slot = self.state_slot(cache, L)
         hist_x, hist_bc = split_conv_window(slot.conv_state if slot is not None else None, self.d_inner)
         state = slot.ssm_state if slot is not None else None
         x, win_x = self._x_inputs(u, mask, hist_x)  # (b, L, h, p)
