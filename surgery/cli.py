@@ -47,6 +47,8 @@ EXAMPLES: dict[str, str] = {
         surgery apply recipes/tiny.yaml teacher.model=random:phi --out runs/tiny-phi
         surgery apply recipes/smollm2_mamba.yaml --resume        # after an interruption
         surgery apply recipes/tiny.yaml stages.stage1.enabled=false   # stage ablation
+        torchrun --nproc-per-node 8 -m surgery apply recipes/phi_mamba_8gpu.yaml   # 8 GPUs
+        surgery apply recipes/tiny.yaml --nproc 2 --out runs/tiny-2   # the same, torchrun started for you
     """,
     "verify": """
         surgery verify runs/smollm2-mamba --tokens 4096
@@ -151,12 +153,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from .log import launch_rank
     from .pipeline import apply
 
     recipe = _load_recipe(args)
     opts = options_from_args(ApplyOptions, args)
+    if args.nproc is not None:  # distributed: start torchrun on this machine
+        from .launch import launch
+
+        return launch(args.argv, args.nproc, recipe, opts)
     out = apply(recipe, opts)
-    print(f"student written to {out}")
+    if launch_rank() == 0:
+        print(f"student written to {out}")
     return 0
 
 
@@ -246,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", metavar="RECIPE", help="recipe file")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
         add_options(p, opts, short={"output": "-o"})
+        if name == "apply":  # a launcher flag, not an option of the run itself
+            p.add_argument("--nproc", type=int, metavar="N", default=None,
+                           help="Run on N local processes: starts torchrun (GPUs with NCCL, else CPU with gloo).")
 
     p = _subparser(sub, "verify", cmd_verify)
     p.add_argument("student", metavar="STUDENT_DIR", help="a directory written by surgery apply")
@@ -266,10 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``surgery`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from .log import configure
+    from .log import configure, rank_prefix
 
     configure(quiet=args.quiet, verbose=args.verbose)
     try:
@@ -277,12 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeryError as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {rank_prefix()}{err}", file=sys.stderr)
         return err.exit_code
     except FileNotFoundError as err:
         if args.verbose:
             raise
-        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
+        print(f"error: {rank_prefix()}{err.strerror}: {err.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; 'surgery apply ... --resume' continues an interrupted run", file=sys.stderr)

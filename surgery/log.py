@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -13,13 +14,32 @@ logger = logging.getLogger("surgery")
 _quiet = False
 
 
+def launch_rank() -> int:
+    """This process's rank under ``torchrun`` (``RANK``), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def rank_prefix() -> str:
+    """``"rank R of N: "`` under a multi-process ``torchrun`` launch, else ``""`` (for error messages)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {launch_rank()} of {world}: " if world not in ("", "1") else ""
+
+
 def configure(quiet: bool = False, verbose: int = 0) -> None:
-    """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output."""
+    """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output.
+
+    Under ``torchrun`` only rank 0 shows progress and info; other ranks' warnings name their rank.
+    """
     global _quiet
     _quiet = quiet
+    quiet = quiet or launch_rank() != 0
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    prefix = rank_prefix() if launch_rank() != 0 else ""
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
@@ -37,15 +57,15 @@ def configure(quiet: bool = False, verbose: int = 0) -> None:
 
 
 def quiet() -> bool:
-    """True when progress bars and info messages are off."""
-    return _quiet
+    """True when progress bars and info messages are off (always on ranks other than 0)."""
+    return _quiet or launch_rank() != 0
 
 
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Iterator[T] | Any:
     """A tqdm progress bar on stderr, disabled in quiet mode or when stderr is not a terminal-like stream."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("disable", _quiet)
+    kwargs.setdefault("disable", quiet())
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("leave", False)

@@ -19,20 +19,22 @@ import torch
 
 from verify.checkpoint import load_optimizer, load_student, read_state, save_checkpoint
 from verify.measure import Measurement, measure
-from verify.metrics import MetricsLog
+from verify.metrics import DiscardedMetrics, MetricsLog
 from verify.objective import Node, Objective, replaced_nodes
+from verify.parallel import Strategy, strategy_for
 from verify.plots import before_after_series, plot_losses, plot_per_layer
 from verify.report import build_report, report_markdown
-from verify.runner import StageRunner
+from verify.runner import StageRunner, check_split
 from verify.stage1_matrix import MatrixOrientation
 from verify.stage2_hidden import HiddenStateAlignment
 from verify.stage3_logits import Distillation
 
+from .distributed import init_ranks
 from .errors import SurgeryError
 from .log import logger, quiet
 from .options import ApplyOptions
 from .recipe import Recipe
-from .runtime import resolve_device, seed_everything
+from .runtime import seed_everything
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -93,12 +95,19 @@ class Run:
 
         self.check_paths()
         r = self.recipe
-        self.device = resolve_device(r.device)
+        # --- distributed: this process's rank (one process unless launched by torchrun) ---
+        self.ranks = init_ranks(r.device)
+        self.device = self.ranks.device
+        check_split(r, self.ranks.world_size)  # every rank's share of a step is whole
+        # ---
         seed_everything(r.seed)
-        self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device), progress=not quiet())
-        self.student, self.plan = rewrite(self.teacher.model, r.replace)
-        self.nodes = replaced_nodes(self.student)
-        self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet())
+        with self.ranks.main_first():  # distributed: rank 0 fills the teacher and data caches first
+            self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device),
+                                        progress=not quiet())
+            self.student, self.plan = rewrite(self.teacher.model, r.replace)
+            self.nodes = replaced_nodes(self.student)
+            self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet())
+        self.ranks.broadcast_module(self.student)  # distributed: replicas start from rank 0's weights
         self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
                                        batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
         s1_tokens = r.verify.stage1_tokens or r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)
@@ -113,10 +122,14 @@ class Run:
                        device=self.device, precision=self.recipe.precision, desc=f"measure {name}")
 
     def _save(self, *, stage: int | None, step: int = 0, stream: dict | None = None,
-              optimizer: torch.optim.Optimizer | None = None) -> None:
+              optimizer: torch.optim.Optimizer | None = None, parallel: Strategy | None = None) -> None:
         state = {"fingerprint": self.fingerprint, "completed": self.completed, "stage": stage, "step": step,
                  "stream": stream, "trail": [(n, m.to_dict()) for n, m in self.trail], "stages": self.stage_info}
-        save_checkpoint(self.ckpt, self.student, state, optimizer)
+        # distributed: full weights gathered for rank 0, which alone writes; every rank leaves once it is on disk
+        with (parallel or Strategy(self.ranks)).checkpoint_view(self.student, optimizer) as (student, opt_state):
+            if self.ranks.is_main:
+                save_checkpoint(self.ckpt, student, state, opt_state)
+        self.ranks.barrier()
 
     def _restore(self) -> dict[str, Any]:
         state = read_state(self.ckpt)
@@ -134,13 +147,17 @@ class Run:
     # ------------------------------------------------------------------ the job
 
     def train(self) -> None:
-        from .data import BatchStream
+        from .data import BatchStream, RankShard
 
         r = self.recipe
-        if self.opts.restart and self.work.exists():
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(self.work / "metrics.jsonl", tensorboard_dir=self.work / "tensorboard")
+        self.ranks.barrier()  # distributed: every rank has checked the paths before rank 0 writes
+        if self.ranks.is_main:
+            if self.opts.restart and self.work.exists():
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.log = MetricsLog(self.work / "metrics.jsonl", tensorboard_dir=self.work / "tensorboard")
+        else:
+            self.log = DiscardedMetrics()
         self.completed: list[int] = []
         self.trail: list[tuple[str, Measurement]] = []
         self.stage_info: dict[int, dict[str, Any]] = {
@@ -165,13 +182,16 @@ class Run:
             if not self.nodes and s in (1, 2):
                 raise SurgeryError(f"stage {s} needs replaced nodes but the recipe replaces none; disable it")
             seq_len = r.seq_len(s)
-            stream = BatchStream(self.corpus.train, seq_len=seq_len, batch_size=cfg.micro_batch,
-                                 seed=r.data_seed * 1009 + s)
+            stream = RankShard(BatchStream(self.corpus.train, seq_len=seq_len, batch_size=cfg.micro_batch,
+                                           seed=r.data_seed * 1009 + s), self.ranks.rank, self.ranks.world_size)
+            parallel = strategy_for(s, self.ranks, r.distributed)  # distributed: data-parallel or FSDP2
+            trained = parallel.prepare(self.student)
             runner = StageRunner(
-                s, cfg, make_objective(s, r, self.teacher.model, self.student, self.nodes), stream,
+                s, cfg, make_objective(s, r, self.teacher.model, trained, self.nodes), stream,
                 seq_len=seq_len, device=self.device, precision=r.precision, log=self.log,
-                save=lambda step, opt, s=s, stream=stream: self._save(stage=s, step=step,
-                                                                      stream=stream.state_dict(), optimizer=opt),
+                save=lambda step, opt, s=s, stream=stream, parallel=parallel: self._save(
+                    stage=s, step=step, stream=stream.state_dict(), optimizer=opt, parallel=parallel),
+                parallel=parallel,
             )
             start = 0
             if state.get("stage") == s:
@@ -179,6 +199,7 @@ class Run:
                 load_optimizer(self.ckpt, runner.optimizer)
                 start = state["step"]
             summary = runner.run(start)
+            parallel.finish(self.student)
             self.stage_info[s].update(summary)
             self.trail.append((f"after_stage{s}", self._measure(f"after stage {s}")))
             self.completed.append(s)
@@ -190,6 +211,8 @@ class Run:
         from .io import atomic_dir
         from .student import save_student
 
+        if not self.ranks.is_main:  # distributed: rank 0 writes the student
+            return self.out
         report = build_report(teacher=self.teacher.ref, trail=self.trail, stages=self.stage_info, name=self.recipe.name)
         with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
             plots = [p for p in (plot_per_layer(before_after_series(report), tmp / "per_layer.png"),
@@ -208,4 +231,7 @@ def apply(recipe: Recipe, options: ApplyOptions | None = None) -> Path:
     run = Run(recipe, options)
     run.setup()
     run.train()
-    return run.save()
+    out = run.save()
+    run.ranks.barrier()  # distributed: every rank returns once the student is written
+    run.ranks.close()
+    return out

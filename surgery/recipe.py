@@ -203,6 +203,31 @@ class OutputConfig(StrictModel):
     )
 
 
+class DistributedConfig(StrictModel):
+    """How a ``torchrun`` launch spreads the stages over ranks; a single-process run ignores it.
+
+    Stages 1 and 2 are data-parallel (every rank holds teacher and student; gradients are summed
+    over ranks each optimizer step); stage 3 shards the student with FSDP2 (``fully_shard``).
+    """
+
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description=(
+            "Stage 3, FSDP2 MixedPrecisionPolicy.param_dtype: the dtype the student's parameters are gathered "
+            "and computed in. float32 keeps the single-process numerics (bf16 compute still comes from autocast, "
+            "see `precision`); bfloat16 halves the all-gather traffic and the gathered layers' memory."
+        ),
+    )
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Stage 3, FSDP2 MixedPrecisionPolicy.reduce_dtype: dtype of the gradient reduce-scatter."
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        default=True,
+        description="Stage 3: free each decoder layer's gathered parameters after its forward (gathered again "
+        "for backward): less memory, one more all-gather per layer and micro-batch.",
+    )
+
+
 _LAYER_SLICE = re.compile(r"^\s*-?\d*\s*(:\s*-?\d*\s*(:\s*-?\d+\s*)?)?$")
 
 
@@ -273,6 +298,9 @@ class Recipe(StrictModel):
     stages: Stages = Field(default_factory=Stages, description="The three MOHAWK stages.")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="Held-out evaluation settings.")
     output: OutputConfig = Field(description="Where the student goes.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process (torchrun) settings; ignored by one process."
+    )
     seed: int = Field(default=0, description="Global seed (data order, initialisation).")
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="'auto' (CUDA if present), 'cpu', 'cuda[:N]'."

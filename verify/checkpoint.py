@@ -26,9 +26,11 @@ OPTIMIZER = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON."""
-    state = optimizer.state_dict()
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict (or the optimizer's own) into tensors (for safetensors) and JSON."""
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():
@@ -41,11 +43,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
+    """Inverse of :func:`optimizer_tensors`; a sharded (FSDP2) parameter gets its shard of each full tensor."""
+    from .parallel import shard_like
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state-dict index order
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        state.setdefault(int(index), {})[key] = shard_like(value, params[int(index)])
     for index, entry in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entry)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON lists
@@ -53,9 +58,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def save_checkpoint(
-    directory: str | Path, student: nn.Module, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+    directory: str | Path,
+    student: nn.Module,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
 ) -> None:
-    """Write a complete checkpoint atomically (replacing the previous one)."""
+    """Write a complete checkpoint atomically (replacing the previous one); ``optimizer`` may be its state dict."""
     with atomic_dir(directory, overwrite=True) as tmp:
         save_model(student, str(tmp / STUDENT))
         if optimizer is not None:

@@ -53,3 +53,20 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class DiscardedMetrics(MetricsLog):
+    """The metrics log of ranks other than 0 under ``torchrun``: writes nothing (rank 0 logs the run)."""
+
+    def __init__(self) -> None:
+        self.path = Path(os.devnull)
+        self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, stage: int, step: int) -> None:
+        pass
+
+    def read(self) -> list[dict[str, Any]]:
+        return []

@@ -5,7 +5,9 @@ AdamW with a warmup-stable-decay schedule; global-norm clipping; autocast per
 ``precision``; a guard that stops on a non-finite loss or gradient before the
 weights change (the last checkpoint stays good); metrics to ``metrics.jsonl``;
 a progress bar with tokens/s. Checkpointing is delegated to a callback so the
-caller decides what else goes into the resumable state.
+caller decides what else goes into the resumable state. Under ``torchrun`` each rank runs this
+same loop on its share of the micro-batches; a :class:`~verify.parallel.Strategy` sums the
+gradients and metrics over ranks before clipping (see :mod:`verify.parallel`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import torch
 
 from surgery.errors import TrainingError
 from surgery.log import progress
-from surgery.recipe import StageConfig
+from surgery.recipe import Recipe, StageConfig
 from surgery.runtime import autocast
 
 from .metrics import MetricsLog
 from .objective import Objective
+from .parallel import Strategy
 from .schedule import wsd_factor
 
 
@@ -36,17 +39,37 @@ class Batches(Protocol):
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Steps and accumulation implied by a stage's token budget."""
+    """Steps and accumulation implied by a stage's token budget (``accumulation``: micro-batches per
+    step over all ranks; ``micro_steps``: this rank's share of them)."""
 
     steps: int
     accumulation: int
     tokens_per_step: int
+    ranks: int = 1
 
     @classmethod
-    def of(cls, cfg: StageConfig, seq_len: int) -> StagePlan:
+    def of(cls, cfg: StageConfig, seq_len: int, ranks: int = 1, where: str = "this stage") -> StagePlan:
         per_pass = cfg.micro_batch * seq_len
-        return cls(steps=cfg.tokens // cfg.tokens_per_step, accumulation=cfg.tokens_per_step // per_pass,
-                   tokens_per_step=cfg.tokens_per_step)
+        plan = cls(steps=cfg.tokens // cfg.tokens_per_step, accumulation=cfg.tokens_per_step // per_pass,
+                   tokens_per_step=cfg.tokens_per_step, ranks=ranks)
+        if plan.accumulation % ranks:
+            raise TrainingError(
+                f"{where}: {plan.accumulation} micro-batches per step (tokens_per_step {cfg.tokens_per_step} / (micro_batch "
+                f"{cfg.micro_batch} x seq_len {seq_len})) do not split over {ranks} ranks; make tokens_per_step a "
+                f"multiple of micro_batch x seq_len x ranks = {per_pass * ranks}"
+            )
+        return plan
+
+    @property
+    def micro_steps(self) -> int:
+        return self.accumulation // self.ranks
+
+
+def check_split(recipe: Recipe, ranks: int) -> None:
+    """Every enabled stage's micro-batches per step split evenly over ``ranks`` (else a recipe error)."""
+    for s in (1, 2, 3):
+        if recipe.stage(s).enabled:
+            StagePlan.of(recipe.stage(s), recipe.seq_len(s), ranks=ranks, where=f"stages.stage{s}")
 
 
 SaveFn = Callable[[int, torch.optim.Optimizer], None]
@@ -75,10 +98,12 @@ class StageRunner:
         precision: str,
         log: MetricsLog,
         save: SaveFn,
+        parallel: Strategy | None = None,
     ) -> None:
         self.stage, self.cfg, self.objective, self.batches = stage, cfg, objective, batches
         self.device, self.precision, self.log, self.save = device, precision, log, save
-        self.plan = StagePlan.of(cfg, seq_len)
+        self.parallel = parallel or Strategy.single_process(device)  # distributed: how ranks share the step
+        self.plan = StagePlan.of(cfg, seq_len, ranks=self.parallel.world_size)
         self.params = objective.freeze_others()
         if not self.params:
             raise TrainingError(f"stage {stage} has no trainable parameters (did the recipe replace any node?)")
@@ -100,7 +125,7 @@ class StageRunner:
         """One optimizer step's worth of forward/backward; averaged metrics."""
         sums: dict[str, float] = {}
         scale = 1.0 / self.plan.accumulation
-        for _ in range(self.plan.accumulation):
+        for _ in range(self.plan.micro_steps):  # this rank's share; scale is over all ranks
             batch = self.batches.next().to(self.device)
             with autocast(self.precision, self.device):
                 metrics = self.objective.train_step(batch, scale)
@@ -124,8 +149,9 @@ class StageRunner:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = self._micro_steps(step)
+                metrics = self.parallel.reduce(self.params, metrics)  # distributed: sum over ranks
                 clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+                grad_norm = self.parallel.clip(self.params, clip)
                 if not math.isfinite(grad_norm):
                     raise self._fail(step, "the gradient norm", grad_norm)
                 self.optimizer.step()

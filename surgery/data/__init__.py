@@ -31,6 +31,7 @@ tensors then map that file and batches read only their own rows.
     stream = BatchStream(corpus.train, seq_len=512, batch_size=4, seed=recipe.data_seed)
     batch = stream.next()                                   # (4, 512) int64
     state = stream.state_dict()                             # json-able cursor
+    mine = RankShard(stream, rank, world_size)              # a torchrun rank's disjoint share
     evals = heldout_batches(corpus, seq_len=512, batch_size=4, tokens=8192)
 """
 
@@ -47,6 +48,7 @@ from .budget import (
 )
 from .corpus import DISK_THRESHOLD, Corpus
 from .hub import HFSource
+from .shard import RankShard
 from .sources import (
     BUILTIN_SOURCES,
     DocsSource,
@@ -66,6 +68,7 @@ __all__: Sequence[str] = [
     "DocsSource",
     "FilesSource",
     "HFSource",
+    "RankShard",
     "StdlibSource",
     "TextSource",
     "data_config_from_cli",

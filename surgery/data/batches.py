@@ -45,20 +45,29 @@ class BatchStream:
             self._order = torch.randperm(self.n_chunks, generator=gen)
         return self._order
 
-    def next(self) -> torch.Tensor:
-        """The next batch, ``(batch_size, seq_len)`` int64."""
+    def _advance(self, rows: int, read: bool) -> list[torch.Tensor]:
+        """Move the cursor ``rows`` chunks on; with ``read``, the chunk indices passed over."""
         picks = []
-        need = self.batch_size
-        while need:
-            take = min(need, self.n_chunks - self.position)
-            picks.append(self._epoch_order()[self.position : self.position + take])
+        while rows:
+            take = min(rows, self.n_chunks - self.position)
+            if read:
+                picks.append(self._epoch_order()[self.position : self.position + take])
             self.position += take
-            need -= take
+            rows -= take
             if self.position == self.n_chunks:  # next epoch, new order
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        batch = self.chunks[torch.cat(picks)].to(torch.long)  # (batch_size, L)
+        return picks
+
+    def next(self) -> torch.Tensor:
+        """The next batch, ``(batch_size, seq_len)`` int64."""
+        batch = self.chunks[torch.cat(self._advance(self.batch_size, read=True))].to(torch.long)  # (batch_size, L)
         self.tokens_served += batch.numel()
         return batch
+
+    def skip(self, n_batches: int) -> None:
+        """Advance the cursor past ``n_batches`` batches without reading them (other ranks' share)."""
+        self._advance(n_batches * self.batch_size, read=False)
+        self.tokens_served += n_batches * self.batch_size * self.seq_len
 
     __next__ = next
 
