@@ -134,3 +134,30 @@ def test_nproc_becomes_a_torchrun_command() -> None:
     cmd = torchrun_command(argv, 4)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
     assert cmd[6:] == ["surgery", "-q", "apply", "r.yaml", "x=1", "--resume"]
+
+
+HUB_RECIPES = sorted(p for p in TINY.parent.glob("*.yaml")
+                     if not Recipe.load(p).teacher.model.startswith(("builtin:", "random:")))
+
+
+@pytest.mark.parametrize("path", HUB_RECIPES, ids=lambda p: p.name)
+def test_every_hub_recipe_splits_over_8_gpus(path: Path) -> None:
+    check_split(Recipe.load(path), 8)
+
+
+def test_the_8b_recipe_plans_on_llama_3_1_8b() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from surgery.rewriter import plan
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=False)  # the published config's sizes
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+    result = plan(teacher, Recipe.load(TINY.parent / "llamba_8b_8gpu.yaml").replace)
+    assert len(result.entries) == 32
+    assert all(e.params["n_qk_heads"] == 32 and e.params["n_b_heads"] == 8 and e.params["head_dim"] == 128
+               for e in result.entries)
+    summary = result.to_dict()["summary"]
+    assert (summary["params_before"], summary["params_after"]) == (8_030_261_248, 8_639_632_384)  # docs/design.md
