@@ -106,7 +106,7 @@ class Run:
                                         progress=not quiet())
             self.student, self.plan = rewrite(self.teacher.model, r.replace)
             self.nodes = replaced_nodes(self.student)
-            self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet())
+            self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet(), sampler=self._sampler())
         self.ranks.broadcast_module(self.student)  # distributed: replicas start from rank 0's weights
         self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
                                        batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
@@ -114,6 +114,14 @@ class Run:
         self.stage1_batches = max(1, s1_tokens // (r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)))
         if r.stage(1).enabled and self.nodes:
             MatrixOrientation(self.teacher.model, self.student, self.nodes)  # head-count check, before writing
+
+    def _sampler(self) -> Any:
+        """The teacher as a sampler, where a data source samples from it (``builtin:teacher-samples``)."""
+        if not any(s.source == "builtin:teacher-samples" for s in self.recipe.data.sources):
+            return None
+        from .data.teacher_samples import TeacherSampler
+
+        return TeacherSampler(self.teacher.model, self.teacher.tokenizer, self.teacher.provenance())
 
     # ------------------------------------------------------------------ state
 

@@ -41,18 +41,19 @@ from surgery.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-NAN_ON_RANK1 = """
-import math, os, sys
+FAIL_ON_RANK1 = """
+import os, sys
 import verify.stage1_matrix as stage1
+from surgery.errors import DataError
 original = stage1.MatrixOrientation.train_step
-def poisoned(self, input_ids, scale):
-    metrics = original(self, input_ids, scale)
-    return {**metrics, "loss": math.nan} if os.environ["RANK"] == "1" else metrics
-stage1.MatrixOrientation.train_step = poisoned
+def failing(self, input_ids, scale):
+    if os.environ["RANK"] == "1":
+        raise DataError("injected: a shard could not be read")
+    return original(self, input_ids, scale)
+stage1.MatrixOrientation.train_step = failing
 from surgery.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -136,9 +137,9 @@ def test_nproc_2_equals_one_process_with_tied_embeddings(tmp_path: Path) -> None
 
 def test_an_error_on_rank_1_stops_both_ranks_and_names_the_rank(tmp_path: Path) -> None:
     run = torchrun(["-q", "apply", str(TINY), "verify.tokens=128", "--out", str(tmp_path / "out")],
-                   script=NAN_ON_RANK1, tmp_path=tmp_path)
-    assert run.returncode != 0
-    assert "error: rank 1 of 2: stage 1 step 1: the loss is nan; stopped before updating the weights" in run.stderr
+                   script=FAIL_ON_RANK1, tmp_path=tmp_path)
+    assert run.returncode != 0  # and it returned: rank 0, waiting in a collective, was stopped too
+    assert "error: rank 1 of 2: injected: a shard could not be read" in run.stderr
     assert not (tmp_path / "out").exists()
     state = json.loads((tmp_path / "out.partial" / "checkpoint" / "state.json").read_text())
     assert state["stage"] is None and state["completed"] == []  # the transfer checkpoint is what is kept

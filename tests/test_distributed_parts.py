@@ -92,10 +92,11 @@ def test_one_process_strategy_changes_nothing() -> None:
     assert type(parallel) is Strategy  # no FSDP without torchrun
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
-    assert parallel.reduce([p], {"loss": 1.5}) == {"loss": 1.5}
-    assert parallel.clip([p], max_norm=1.0) == pytest.approx(12**0.5)
+    loss = torch.tensor(1.5)
+    assert parallel.reduce([p], {"loss": loss}) == {"loss": loss}
+    assert float(parallel.clip([p], max_norm=1.0)) == pytest.approx(12**0.5)
     assert torch.allclose(p.grad.norm(), torch.tensor(1.0))
-    assert DataParallel(ranks).reduce([p], {"loss": 2.0}) == {"loss": 2.0}
+    assert DataParallel(ranks).reduce([p], {"loss": loss}) == {"loss": loss}
     value = torch.randn(3)
     assert shard_like(value, p) is value  # only sharded (DTensor) parameters are cut
 

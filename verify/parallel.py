@@ -54,23 +54,23 @@ class Strategy:
         """The module the stage's objective trains (here: ``student`` itself)."""
         return student
 
-    def reduce(self, params: list[nn.Parameter], metrics: dict[str, float]) -> dict[str, float]:
-        """Sum this step's gradients and metrics over ranks (metrics are already scaled per micro-batch)."""
+    def reduce(self, params: list[nn.Parameter], metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum this step's gradients and metrics over ranks (metrics are already scaled per micro-batch).
+
+        Metrics stay on the device (0-d tensors): one all-reduce of their stack, no host read.
+        """
         return self.reduce_metrics(metrics)
 
-    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+    def reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world_size == 1:
             return metrics
-        keys = list(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.ranks.device)
-        self.ranks.all_reduce_sum(values)
-        return dict(zip(keys, values.tolist()))
+        keys = list(metrics)  # the same keys, in the same order, on every rank
+        values = torch.stack([torch.as_tensor(metrics[k], device=self.ranks.device).float().reshape(()) for k in keys])
+        return dict(zip(keys, self.ranks.all_reduce_sum(values).unbind()))
 
-    def clip(self, params: list[nn.Parameter], max_norm: float) -> float:
-        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        full = getattr(norm, "full_tensor", None)  # a DTensor when the gradients are sharded
-        return float(full() if full is not None else norm)
+    def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping (a 0-d tensor)."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     @contextmanager
     def checkpoint_view(
@@ -86,7 +86,7 @@ class Strategy:
 class DataParallel(Strategy):
     """Stages 1-2: replicas on every rank; gradients summed over ranks once per optimizer step."""
 
-    def reduce(self, params: list[nn.Parameter], metrics: dict[str, float]) -> dict[str, float]:
+    def reduce(self, params: list[nn.Parameter], metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world_size > 1:
             grads = [p.grad for p in params if p.grad is not None]  # the same set on every rank
             for bucket in _buckets(grads, BUCKET_BYTES):
@@ -117,13 +117,18 @@ def release(module: nn.Module) -> None:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
-class FullyShardedStudent(Strategy):
-    """Stage 3: the student sharded with FSDP2 (``fully_shard`` per decoder layer and at the root).
+class FullyShardedStudent(DataParallel):
+    """Stage 3: the student sharded with FSDP2 (``fully_shard`` per decoder layer and on the base model).
 
     A copy of the student is sharded and trained; the plain student's parameters are released
     meanwhile (its buffers, never trained, stay) and receive the trained weights in
-    :meth:`finish`. Gradients are reduce-scattered as sums (FSDP2 would average). The
-    teacher is not sharded: it is replicated on every rank.
+    :meth:`finish`. The FSDP root is the base model (embeddings, layers, final norm), not the
+    causal-LM wrapper, so an objective may call the base model and use the LM head's weight
+    directly outside any forward (the fused distillation loss does): the LM head's weight is
+    therefore not sharded (outside the root when untied, an ignored parameter of the root when
+    tied to the embedding); it is replicated and its gradient all-reduced as in stage 2.
+    Sharded gradients are reduce-scattered as sums (FSDP2 would average). The teacher is not
+    sharded: it is replicated on every rank.
     """
 
     def __init__(self, ranks: Ranks, config: DistributedConfig) -> None:
@@ -149,7 +154,11 @@ class FullyShardedStudent(Strategy):
         options = {"mesh": mesh, "mp_policy": self.policy()}
         for _, layer in get_adapter(sharded).decoder_layers():
             fully_shard(layer, reshard_after_forward=self.config.fsdp_reshard_after_forward, **options)
-        fully_shard(sharded, **options)
+        base = getattr(sharded, "base_model", sharded)
+        head = sharded.get_output_embeddings()
+        tied = {head.weight} if base is not sharded and head is not None and any(
+            head.weight is p for p in base.parameters()) else set()
+        fully_shard(base, ignored_params=tied or None, **options)  # a tied head's weight stays replicated
         for module in sharded.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # sums: the micro-batch scale already averages
@@ -158,11 +167,29 @@ class FullyShardedStudent(Strategy):
         self.sharded = sharded
         return sharded
 
+    def reduce(self, params: list[nn.Parameter], metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """FSDP2 has reduce-scattered the sharded gradients; replicated ones (an untied head) are summed here."""
+        return super().reduce([p for p in params if not _is_sharded(p)], metrics)
+
+    def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """The global norm over sharded and replicated gradients together; both clipped by it."""
+        groups = [[p for p in params if _is_sharded(p)], [p for p in params if not _is_sharded(p)]]
+        norms = []
+        for group in groups:
+            grads = [p.grad for p in group if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads)
+                norms.append(norm.full_tensor() if _is_sharded(norm) else norm)  # type: ignore[union-attr]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.ranks.device)
+        for group in groups:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        return total
+
     def _gather(self, student: nn.Module, to_cpu: bool) -> None:
         """Every parameter's full tensor (a collective) into ``student``: on every rank, or rank 0's CPU."""
         assert self.sharded is not None
         for name, p in self.sharded.named_parameters():
-            full = p.full_tensor().detach()  # type: ignore[attr-defined]
+            full = p.full_tensor().detach() if _is_sharded(p) else p.detach().clone()  # type: ignore[attr-defined]
             if not to_cpu:
                 student.get_parameter(name).data = full
             elif self.ranks.is_main:
@@ -185,6 +212,11 @@ class FullyShardedStudent(Strategy):
         self.sharded = None
 
 
+def _is_sharded(tensor: Any) -> bool:
+    """A DTensor (FSDP2's sharded parameters and their gradients and norms)."""
+    return hasattr(tensor, "device_mesh")
+
+
 def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[str, Any]:
     """``optimizer.state_dict()`` with every sharded tensor gathered in full (a collective; CPU, where ``keep``)."""
     state = optimizer.state_dict()
@@ -192,9 +224,8 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[s
     for index, entry in state["state"].items():
         full[index] = {}
         for key, value in entry.items():
-            gather = getattr(value, "full_tensor", None)
-            if gather is not None:
-                value = gather()
+            if _is_sharded(value):
+                value = value.full_tensor()
             if keep:
                 full[index][key] = value.detach().cpu() if torch.is_tensor(value) else value
     return {"state": full, "param_groups": state["param_groups"]}
@@ -202,13 +233,13 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[s
 
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A full optimizer-state tensor cut to ``param``'s local shard when ``param`` is sharded (a DTensor)."""
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is None or value.dim() == 0 or value.shape != param.shape:  # e.g. Adam's step count
+    if not _is_sharded(param) or value.dim() == 0 or value.shape != param.shape:  # e.g. Adam's step count
         return value
     from torch.distributed.tensor import distribute_tensor
 
     local = param.to_local()  # type: ignore[attr-defined]
-    return distribute_tensor(value.to(local.device), mesh, param.placements, src_data_rank=None)  # type: ignore[attr-defined]
+    return distribute_tensor(value.to(local.device), param.device_mesh, param.placements,  # type: ignore[attr-defined]
+                             src_data_rank=None)
 
 
 def strategy_for(stage: int, ranks: Ranks, config: DistributedConfig) -> Strategy:
