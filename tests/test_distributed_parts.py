@@ -12,7 +12,8 @@ from surgery.distributed import Ranks, init_ranks, rank_device
 from surgery.errors import RecipeError, SurgeryError, TrainingError
 from surgery.launch import torchrun_command, without_nproc
 from surgery.recipe import Recipe
-from verify.parallel import DataParallel, Strategy, _buckets, shard_like, strategy_for
+from verify.fsdp import shard_like
+from verify.parallel import DataParallel, Strategy, _buckets, strategy_for
 from verify.runner import StagePlan, check_split
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"

@@ -44,7 +44,7 @@ def optimizer_tensors(
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Inverse of :func:`optimizer_tensors`; a sharded (FSDP2) parameter gets its shard of each full tensor."""
-    from .parallel import shard_like
+    from .fsdp import shard_like
 
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state-dict index order
     state: dict[int, dict[str, Any]] = {}
