@@ -10,9 +10,10 @@ Both return ``(y (b, L, h, p), final_state (b, h, p, n))``. Backends:
 * ``"mamba_ssm"`` -- mamba-ssm's Triton ``mamba_chunk_scan_combined`` (:mod:`surgery.ops.cuda`);
 * ``"reference"`` -- the plain-torch chunked SSD (:mod:`surgery.ops.ssd_reference`), any device.
 
-``"auto"`` (the default) takes, on CUDA tensors, the first of fused / mamba-ssm that imports
-(:data:`PREFERENCE`), else the reference with a one-time warning. CPU tensors always take the
-reference and never import triton or mamba_ssm.
+``"auto"`` (the default; ``SURGERY_SSD_BACKEND`` in the environment sets another) takes, on
+CUDA tensors, the first of fused / mamba-ssm that imports (:data:`PREFERENCE`), else the
+reference with a one-time warning. CPU tensors always take the reference and never import
+triton or mamba_ssm.
 
 :func:`ssd_step` (one decoding step) and :func:`ssd_matrix` (the materialised mixing matrix
 for MOHAWK stage 1, Bick et al. 2024, arXiv 2408.10189) are plain torch on every device.
@@ -20,6 +21,7 @@ for MOHAWK stage 1, Bick et al. 2024, arXiv 2408.10189) are plain torch on every
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +36,9 @@ BACKENDS = ("auto", "reference", "fused", "mamba_ssm")
 # Fast backends "auto" tries on CUDA, per entry point, in order (bench/mixers.py measures them side by side).
 PREFERENCE: dict[str, tuple[str, ...]] = {"ssd": ("fused", "mamba_ssm"), "ssd_dt": ("fused", "mamba_ssm")}
 _WARNED = False
-_DEFAULT_BACKEND: Backend = "auto"
+_DEFAULT_BACKEND: Backend = os.environ.get("SURGERY_SSD_BACKEND", "auto")  # type: ignore[assignment]
+if _DEFAULT_BACKEND not in BACKENDS:
+    raise ValueError(f"SURGERY_SSD_BACKEND={_DEFAULT_BACKEND!r}: expected one of {', '.join(BACKENDS)}")
 
 __all__ = [
     "Backend",
