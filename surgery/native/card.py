@@ -27,14 +27,14 @@ def _card_body(card: str) -> str:
 
 def export_card(
     *, student_card: str | None, name: str, target: str, architecture: str, config: dict[str, Any],
-    exactness: Exactness, min_transformers: str, notes: list[str],
+    identity: list[int], exactness: Exactness, min_transformers: str, notes: list[str],
 ) -> str:
-    """The ``README.md`` of the exported directory."""
+    """The ``README.md`` of the exported directory; ``identity``: layers added that compute the identity."""
     front = FRONT_MATTER.match(student_card or "")
     license_ = _front_value(front.group(1), "license") if front else None
     base_model = _front_value(front.group(1), "base_model") if front else None
-    kept = config["attn_layer_indices"]
-    n = config["num_hidden_layers"]
+    kept = [i for i in config["attn_layer_indices"] if i not in identity]
+    n = config["num_hidden_layers"] - len(identity)
     lines = ["---", "library_name: transformers", f"license: {license_ or 'other'}"]
     if base_model:
         lines.append(f"base_model: {base_model}")
@@ -44,6 +44,9 @@ def export_card(
               (f"A native `{architecture}` checkpoint exported by surgery {__version__} from the surgery student "
                f"`{name}`: {n - len(kept)} of {n} layers are Mamba-2 mixers"
                + (f", layers {', '.join(map(str, kept))} are attention." if kept else ", none is attention.")
+               + (f" Layer {', '.join(map(str, identity))} is an added identity layer (attention and MLP weights all "
+                  "zero: it adds exactly 0) that lets transformers' cached generate run, which fails when no layer "
+                  "is attention." if identity else "")
                + f" It loads with plain transformers (>= {min_transformers}); surgery is not needed and no remote "
                "code runs."), "",
               "## How to use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",

@@ -78,7 +78,8 @@ def _provenance(student: Student, target: Target, config: dict[str, Any], files:
         "architecture": target.architecture,
         "model_type": target.model_type,
         "min_transformers": target.min_transformers(student),
-        "layers": {"mamba": sorted(student.mixers), "attention": config["attn_layer_indices"]},
+        "layers": {"mamba": sorted(student.mixers), "attention": student.attention_layers,
+                   "identity_attention": target.identity_layers(student)},
         "check": exactness.to_dict(),
         "notes": target.notes(student),
         "source": {"path": str(student.path.resolve()),
@@ -116,7 +117,8 @@ def _write(directory: Path, student: Student, target: Target) -> None:
     card = student.path / CARD
     (directory / CARD).write_text(export_card(
         student_card=card.read_text(encoding="utf-8") if card.is_file() else None, name=student.path.resolve().name,
-        target=target.name, architecture=target.architecture, config=kwargs, exactness=exactness,
+        target=target.name, architecture=target.architecture, config=kwargs, identity=target.identity_layers(student),
+        exactness=exactness,
         min_transformers=target.min_transformers(student), notes=target.notes(student),
     ), encoding="utf-8")
 
