@@ -43,7 +43,8 @@ def export_card(
               f"# {name} ({architecture})", "",
               (f"A native `{architecture}` checkpoint exported by surgery {__version__} from the surgery student "
                f"`{name}`: {n - len(kept)} of {n} layers are Mamba-2 mixers"
-               + (f", layers {', '.join(map(str, kept))} are attention." if kept else ", none is attention.")
+               + (f", {'layers' if len(kept) > 1 else 'layer'} {', '.join(map(str, kept))} "
+                  f"{'are' if len(kept) > 1 else 'is'} attention." if kept else ", none is attention.")
                + (f" Layer {', '.join(map(str, identity))} is an added identity layer (attention and MLP weights all "
                   "zero: it adds exactly 0) that lets transformers' cached generate run, which fails when no layer "
                   "is attention." if identity else "")
