@@ -199,5 +199,5 @@ def test_discrete_mamba2_student_is_refused_with_the_reason(tmp_path: Path, caps
     student_dir = saved(tmp_path, "llama", [{"mixer": "discrete_mamba2", "params": {"d_state": 8}}])
     assert main(["-q", "export", str(student_dir), "-o", str(tmp_path / "bamba")]) == 2
     err = capsys.readouterr().err
-    assert "layers 0, 1, 2, 3 use mixer 'discrete_mamba2'" in err and "x B^T (not dt x B^T)" in err
+    assert "mixer 'discrete_mamba2' in layers 0, 1, 2, 3" in err and "x B^T (not dt x B^T)" in err
     assert "nothing was written" in err and not (tmp_path / "bamba").exists()

@@ -29,8 +29,8 @@ KEEP0 = {"layers": [0], "mixer": "keep"}
 
 @pytest.mark.parametrize("family, rules, config, named", [
     ("gpt2", [M2], {}, "family 'gpt2': Bamba has the Llama decoder layout"),
-    ("llama", [{"mixer": "discrete_mamba2"}], {}, "layers 0, 1, 2, 3 use mixer 'discrete_mamba2'"),
-    ("llama", [KEEP0, {"layers": [1], "mixer": "discrete_mamba2"}, M2], {}, "layer 1 use"),
+    ("llama", [{"mixer": "discrete_mamba2"}], {}, "mixer 'discrete_mamba2' in layers 0, 1, 2, 3"),
+    ("llama", [KEEP0, {"layers": [1], "mixer": "discrete_mamba2"}, M2], {}, "mixer 'discrete_mamba2' in layer 1:"),
     ("qwen3", [KEEP0, M2], {}, "kept attention in layer 0 has q/k norms"),
     ("mistral", [KEEP0, M2], {"sliding_window": 16}, "layer 0 uses a sliding window (16)"),
     ("qwen2", [{"layers": [3], "mixer": "keep"}, M2], {"use_sliding_window": True, "sliding_window": 16,
@@ -59,3 +59,13 @@ def test_norm_eps_must_be_the_teachers() -> None:
 def test_attention_only_mismatches_vanish_when_no_attention_is_kept() -> None:
     assert mismatches("qwen3", [M2]) == []
     assert mismatches("mistral", [M2], sliding_window=16) == []
+
+
+def test_export_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    from surgery.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "surgery export runs/" in out and "--to" in out and "-o OUTPUT" in out

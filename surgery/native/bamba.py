@@ -101,7 +101,7 @@ class BambaTarget(Target):
         for name in sorted({mixers[i][1].name for i in other}):
             layers = [i for i in other if mixers[i][1].name == name]
             why = DISCRETE_MAMBA2_WHY if name == "discrete_mamba2" else f"Bamba's mixer is {MIXER}"
-            out.append(f"{_layers(layers)} use mixer {name!r}: {why}")
+            out.append(f"mixer {name!r} in {_layers(layers)}: {why}")
         mamba = {i: m for i, (_, m) in mixers.items() if m.name == MIXER}
         if not mamba:
             return out
