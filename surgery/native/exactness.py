@@ -8,11 +8,13 @@ next to the student (both in float32 on the CPU) on a fixed probe batch ``(b, L)
    time through its own cache) must give the same logits at every later position;
 3. greedy ``generate`` (each model with its own cache) is compared token for token.
 
-A mapping mistake moves logits by O(1); two float32 implementations of the same model differ by
-rounding, which grows with depth and logit scale (SmolLM2-135M: ~2e-4 at logits ~30, where the
-student itself is ~3e-4 from its float64 result), hence a tolerance relative to the scale. 1 and 2
-raise :class:`ExportError`; 3 is recorded, and greedy tokens that differ while 1 and 2 hold (a
-near-tie of the top two logits) are logged as a warning.
+A layout mistake moves logits by O(1) (a B/C swap, a norm over the wrong groups: 1e-1 to 1 at
+logits ~3); two float32 implementations of the same model differ by rounding, which grows with
+depth and logit scale: on SmolLM2-135M students (logits ~30) 3e-4 to 5e-4 (full sequence) and up
+to 1.5e-3 (cached decoding), where the student itself is ~5e-4 from its own float64 logits. Hence
+a tolerance relative to the scale, with room for deeper models. 1 and 2 raise
+:class:`ExportError`; 3 is recorded, and greedy tokens that differ while 1 and 2 hold (a near-tie
+of the top two logits) are logged as a warning.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .target import ExportError
 
 log = logging.getLogger("surgery")
 
-LOGITS_RTOL = 1e-4  # max |native - student| <= LOGITS_RTOL * max(1, max |student logits|)
+LOGITS_RTOL = 1e-3  # max |native - student| <= LOGITS_RTOL * max(1, max |student logits|)
 PROBE_SHAPE = (2, 24)  # batch, tokens of the probe
 PREFILL = 16  # cached decoding: prompt length, then the remaining tokens one by one
 PROMPT_TOKENS = 8  # greedy generate: prompt length (the probe's first tokens) ...
