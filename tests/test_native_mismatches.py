@@ -39,6 +39,7 @@ KEEP0 = {"layers": [0], "mixer": "keep"}
     ("llama", [{"layers": "0:2", **M2}, {"mixer": "mamba2", "params": {"d_state": 4, "ngroups": 1}}], {},
      "params.d_state differs between layers (8 in layers 0, 1; 4 in layers 2, 3)"),
     ("llama", [{"mixer": "mamba2", "params": {"d_conv": 0, "ngroups": 1}}], {}, "d_conv is 0"),
+    ("llama", [{"mixer": "mamba2", "params": {"bias": True, "ngroups": 1}}], {}, "left-padded batches would differ"),
     ("llama", [{"mixer": "mamba2", "params": {"n_heads": 3, "ngroups": 1}}], {},
      "n_heads x head_dim = 48 is not a multiple of hidden_size 64"),
     ("llama", [KEEP0, M2], {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,

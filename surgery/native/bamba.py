@@ -4,7 +4,8 @@ Bamba (IBM, transformers ``models/bamba``) is a Llama decoder (RMSNorm, RoPE + G
 SwiGLU MLP) whose layers are either attention (``attn_layer_indices``) or a Mamba-2 mixer with
 one config for all mixer layers. What it computes, checked against transformers 5.17 and 5.24:
 
-* the mixer is exactly surgery's ``mamba2`` (:mod:`surgery.mixers.mamba2`): ``in_proj`` =
+* the mixer is exactly surgery's ``mamba2`` (:mod:`surgery.mixers.mamba2`) without projection
+  biases (Bamba zeroes a padding token's input, surgery its projections): ``in_proj`` =
   ``[z | x | B | C | dt]``, one depthwise causal conv over ``[x | B | C]`` with
   ``config.hidden_act`` as activation, ``dt = softplus(dt + dt_bias)``, ``A = -exp(A_log)``,
   D skip, ``rmsnorm(y * silu(z)) * weight`` with ``config.rms_norm_eps``, ``out_proj``
@@ -114,6 +115,10 @@ class BambaTarget(Target):
                 out.append(f"mamba2 params.{field} differs between layers ({seen}): Bamba has one mixer config for all")
         p = next(iter(mamba.values())).params
         d_model = student.config.hidden_size
+        if p.bias:
+            out.append("mamba2 params.bias is true: Bamba zeroes a padding token's mixer input, not its projections, so "
+                       "in_proj's bias would reach the conv of the next real tokens and left-padded batches would "
+                       "differ from the student; export students made with bias: false (the default)")
         if p.d_conv == 0:
             out.append("mamba2 params.d_conv is 0 (no conv): Bamba's mixer always has its conv")
         if (p.n_heads * p.head_dim) % d_model:

@@ -11,7 +11,6 @@ A ``mamba2`` mixer at ``model.layers.i.self_attn`` becomes ``model.layers.i.mamb
 h p``, ``g`` groups, state ``n``, ``h`` heads, ``d`` model width)::
 
     in_proj.weight  (2 d_inner + 2 g n + h, d) = [z_proj | x_proj | B_proj | C_proj | dt_proj]
-    in_proj.bias    (same rows; bias=True only) = [z | x | B | C | 0]   (dt_proj has no bias; dt_bias stays apart)
     conv1d.weight   (d_inner + 2 g n, 1, k)     = [conv_x | conv_bc]    (conv_bc is already [B | C])
     conv1d.bias                                  = [conv_x | conv_bc]
     dt_bias, A_log, D (h,), out_proj            unchanged;  norm.weight (d_inner,) = norm_weight
@@ -19,8 +18,8 @@ h p``, ``g`` groups, state ``n``, ``h`` heads, ``d`` model width)::
 A fully converted student's appended identity attention layer (see :mod:`surgery.native.bamba`)
 is all zeros but its norm weights. Every stored tensor of the student is placed exactly once (one left over is an error naming it);
 the result is checked against the names and shapes of a ``BambaForCausalLM`` built from the
-config on the meta device, where biases the student lacks (Qwen2's o_proj, the zero dt part)
-are zeros: exactly "no bias".
+config on the meta device, where biases the student lacks (Qwen2's o_proj) are zeros: exactly
+"no bias".
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def mamba2_mixer(take: Take, src: str, h: int) -> dict[str, torch.Tensor]:
-    """Bamba's ``mamba.*`` tensors from the mamba2 mixer stored under ``src`` (``h`` heads)."""
+def mamba2_mixer(take: Take, src: str) -> dict[str, torch.Tensor]:
+    """Bamba's ``mamba.*`` tensors from the mamba2 mixer stored under ``src`` (``bias=False``: no projection biases)."""
 
     def need(name: str) -> torch.Tensor:
         t = take(f"{src}.{name}")
@@ -61,11 +60,6 @@ def mamba2_mixer(take: Take, src: str, h: int) -> dict[str, torch.Tensor]:
     conv_bias = [take(f"{src}.conv_x.bias"), take(f"{src}.conv_bc.bias")]
     if all(b is not None for b in conv_bias):
         out["conv1d.bias"] = torch.cat(conv_bias)
-    proj_bias = [take(f"{src}.{p}.bias") for p in ("z_proj", "x_proj", "B_proj", "C_proj")]
-    if all(b is not None for b in proj_bias):
-        dt_zero = proj_bias[0].new_zeros(h)
-        out["in_proj.bias"] = torch.cat([*proj_bias, dt_zero])  # (2 d_inner + 2 g n + h,)
-        out["out_proj.bias"] = need("out_proj.bias")
     return out
 
 
@@ -101,8 +95,7 @@ def bamba_tensors(student: Student, config: Any, identity: list[int]) -> dict[st
             for kind in ("weight", "bias"):
                 copy(f"{layer}.mlp.{proj}.{kind}", f"{layer}.feed_forward.{proj}.{kind}")
         if i in mixers:
-            path, mixer = mixers[i]
-            for name, t in mamba2_mixer(take, path, mixer.params.n_heads).items():
+            for name, t in mamba2_mixer(take, mixers[i][0]).items():
                 out[f"{layer}.mamba.{name}"] = t
         else:
             for proj in ATTENTION:
