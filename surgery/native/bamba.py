@@ -72,7 +72,6 @@ class BambaTarget(Target):
 
     model_type = "bamba"
     architecture = "BambaForCausalLM"
-    description = "transformers' BambaForCausalLM (hybrid Mamba-2 + attention); vLLM serves it"
 
     # ------------------------------------------------------------------ what Bamba cannot express
 

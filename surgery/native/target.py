@@ -30,7 +30,6 @@ class Target:
     name: ClassVar[str] = ""
     model_type: ClassVar[str] = ""  # the config's model_type, e.g. "bamba"
     architecture: ClassVar[str] = ""  # the transformers causal-LM class, e.g. "BambaForCausalLM"
-    description: ClassVar[str] = ""
 
     def mismatches(self, student: Student) -> list[str]:
         """Every reason the student cannot be expressed exactly; empty when it can."""
