@@ -18,6 +18,11 @@ cache=cache)`` (what ``generate`` does per token, without its bookkeeping). Colu
   decode steps (weights and cache included; GPU only),
 * ``state``      -- bytes held by the cache after decoding (KV for the teacher, SSM + conv state for the student),
 * ``vs teacher`` -- teacher ms/token / this row's ms/token (> 1: faster than the teacher).
+* ``teacher static`` rows (``--fair``, the default on GPU) -- the teacher at its own best: ``generate`` with
+  transformers' static KV cache, which compiles the decoding step on CUDA; ms/token from two runs,
+  ``(t(1 + steps new tokens) - t(1 new token)) / steps``, after one warm-up run of each;
+* ``vs teacher best`` -- the fastest teacher row (eager or static) / the student's fastest (eager or graph):
+  the fair ratio.
 
 ``--cuda-graph`` captures one whole student decode step (the HF forward with the recurrent cache,
 its state tensors kept in static buffers) in a CUDA graph and replays it; the first replay is
@@ -59,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="GPU bf16, CPU fp32")
     p.add_argument("--cuda-graph", action="store_true", help="also time a CUDA-graph-captured student decode step")
     p.add_argument("--mixer", default="discrete_mamba2", help="mixer replacing every attention node")
+    p.add_argument("--fair", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the teacher with a static KV cache (default: on GPU)")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.cpu
     args.device = torch.device("cuda" if gpu else "cpu")
@@ -69,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     if args.cuda_graph and not gpu:
         p.error("--cuda-graph needs CUDA")
+    args.fair = gpu if args.fair is None else args.fair
     return args
 
 
@@ -206,6 +214,41 @@ def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: ar
         return {"graph_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
 
 
+@torch.no_grad()
+def teacher_static(model: torch.nn.Module, batch: int, context: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The teacher's decode ms/token through ``generate`` with a static KV cache (its best transformers path)."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    g = torch.Generator().manual_seed(context * 31 + batch)
+    ids = torch.randint(0, vocab, (batch, context), generator=g).to(args.device)
+
+    def gen(new: int) -> float:
+        timer = Timer(args.device)
+        timer.start()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, cache_implementation="static", pad_token_id=0)
+        return timer.stop()
+
+    try:
+        gen(1), gen(1 + args.steps)  # warm-up: compilation of the prefill and decode steps
+        ms = (gen(1 + args.steps) - gen(1)) / args.steps
+        return {"model": "teacher static", "batch": batch, "context": context, "ms_per_token": ms,
+                "tokens_per_s": batch * 1e3 / ms}
+    except Exception as err:  # noqa: BLE001 - report, do not abort the table
+        return {"model": "teacher static", "batch": batch, "context": context,
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
+
+
+def fair_ratio(rows: list[dict[str, Any]], batch: int, context: int) -> float | None:
+    """Fastest teacher ms/token over the fastest student ms/token (eager or graph) at one shape."""
+    def best(prefix: str) -> float | None:
+        times = [t for r in rows if r["model"].startswith(prefix) and (r["batch"], r["context"]) == (batch, context)
+                 for t in (r.get("ms_per_token"), r.get("graph_ms_per_token")) if t]
+        return min(times) if times else None
+
+    teacher, student = best("teacher"), best("student")
+    return teacher / student if teacher and student else None
+
+
 # --------------------------------------------------------------------------- table
 
 
@@ -231,6 +274,10 @@ def run(args: argparse.Namespace, report: Callable[[str], None] = print) -> list
                     base = row.get("ms_per_token")
                 row["vs_teacher"] = base / row["ms_per_token"] if base and row.get("ms_per_token") else None
                 rows.append(row)
+            if args.fair:
+                rows.append(teacher_static(teacher, batch, context, args))
+            for row in rows[-(3 if args.fair else 2):]:
+                row["vs_teacher_best"] = fair_ratio(rows, batch, context) if row["model"] == "student" else None
     report(table(rows, args))
     return rows
 
@@ -238,7 +285,7 @@ def run(args: argparse.Namespace, report: Callable[[str], None] = print) -> list
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gpu = args.device.type == "cuda"
     head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
-            "state MiB", "vs teacher"]
+            "state MiB", "vs teacher", "vs teacher best"]
     if args.cuda_graph:
         head += ["graph ms/token", "graph vs teacher", "graph max|diff|"]
     title = (f"device {args.device} ({torch.cuda.get_device_name(args.device) if gpu else 'cpu'}), dtype "
@@ -253,11 +300,13 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if "error" in r:
             cells = [r["model"], str(r["batch"]), str(r["context"]), r["error"]] + [""] * (len(head) - 4)
         else:
-            ratio = r.get("vs_teacher")
-            cells = [r["model"], str(r["batch"]), str(r["context"]), f"{r['prefill_ms']:.1f}",
+            ratio, fair = r.get("vs_teacher"), r.get("vs_teacher_best")
+            prefill = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else ""
+            state = _mib(r["state_bytes"]) if "state_bytes" in r else ""
+            cells = [r["model"], str(r["batch"]), str(r["context"]), prefill,
                      _mib(r.get("prefill_peak_bytes")), f"{r['ms_per_token']:.2f}",
                      f"{r['tokens_per_s']:.0f}", _mib(r.get("decode_peak_bytes")),
-                     _mib(r["state_bytes"]), f"{ratio:.2f}x" if ratio else ""]
+                     state, f"{ratio:.2f}x" if ratio else "", f"{fair:.2f}x" if fair else ""]
             if args.cuda_graph:
                 if "graph_ms_per_token" in r:
                     base = teacher_ms.get((r["batch"], r["context"]))

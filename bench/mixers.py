@@ -63,7 +63,7 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
 
 
 def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, device: torch.device, chunk: int,
-               stage1_len: int | None = None):
+               stage1_len: int | None = None, backends: tuple[str, ...] = ("fused", "mamba_ssm")):
     """name -> (forward, forward+backward) closures (the materialised stage 1 only up to ``stage1_len``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -121,6 +121,8 @@ def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, devic
     cases = {"ssd reference": (fwd(ssd("reference")), fwd_bwd(ssd("reference"), dy))}
     if device.type == "cuda":
         for name, backend in (("fused", "fused"), ("mamba-ssm", "mamba_ssm")):
+            if backend not in backends:
+                continue
             cases[f"ssd {name}"] = (fwd(ssd(backend)), fwd_bwd(ssd(backend), dy))
             cases[f"ssd {name} dt-form"] = (fwd(ssd_dt(backend)), fwd_bwd(ssd_dt(backend), dy))
     cases["sdpa causal"] = (fwd(sdpa), fwd_bwd(sdpa, do))
@@ -134,7 +136,7 @@ def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, devic
 def run_shape(b: int, L: int, args: argparse.Namespace, device: torch.device) -> list[tuple[str, ...]]:
     dtype = DTYPES[args.dtype]
     cases = make_cases(b, L, args.heads, args.head_dim, args.d_state, dtype, device, args.chunk_size,
-                       stage1_len=args.stage1_max_len)
+                       stage1_len=args.stage1_max_len, backends=tuple(args.backends.split(",")))
     results: dict[str, list[float | str]] = {}
     peaks: dict[str, float] = {}
     for name, pair in cases.items():
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--backends", default="fused,mamba_ssm", help="fast SSD backends to time (comma-separated)")
     parser.add_argument("--stage1-max-len", type=int, default=2048,
                         help="longest sequence for the materialised stage-1 row (it grows as L^2)")
     args = parser.parse_args(argv)

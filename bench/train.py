@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (kernel compilation)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for MFU (H200 measured: ~790)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny random teacher on CPU, one step each")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.recipe = str(ROOT / "recipes" / "tiny.yaml")
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
         print(f"| {r['stage']} | {r['path']} | {r['micro_batch']} x {r['seq_len']} | {r['tokens_per_s']:.0f} | "
               f"{100 * r['mfu']:.1f}% | {peak} | {ratio} |")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
 
 

@@ -22,3 +22,17 @@ def test_decode_bench_cpu_smoke(capsys) -> None:
     assert state[("student", 2, 16)] == 2 * state[("student", 1, 16)]
     out = capsys.readouterr().out
     assert "| model | batch | context |" in out and "vs teacher" in out
+
+
+def test_decode_bench_fair_baseline_cpu(capsys) -> None:
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_fair", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--cpu", "--teacher", "random:llama", "--contexts", "16", "--batches", "1",
+                        "--steps", "2", "--warmup", "1", "--fair"])
+    assert [r["model"] for r in rows] == ["teacher", "student", "teacher static"]
+    assert not any("error" in r for r in rows) and rows[2]["ms_per_token"] > 0
+    best_teacher = min(rows[0]["ms_per_token"], rows[2]["ms_per_token"])
+    assert rows[1]["vs_teacher_best"] == best_teacher / rows[1]["ms_per_token"]
+    assert "vs teacher best" in capsys.readouterr().out

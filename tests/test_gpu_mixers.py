@@ -192,6 +192,12 @@ def cached_decode_matches_recomputation(kernel: torch.device, name: str) -> None
 @pytest.mark.parametrize(("L", "h", "p", "n", "gB", "gC"), [(300, 4, 32, 16, 2, 4), (1000, 9, 64, 64, 3, 9), (129, 2, 128, 128, 1, 2)])
 def test_packed_documents_and_student_shapes(kernel: torch.device, backend: str, dtype: torch.dtype,
                                               L: int, h: int, p: int, n: int, gB: int, gC: int) -> None:
+    if backend == "fused" and max(p, n) > ops.FUSED_MAX_DIM:
+        with pytest.raises(RuntimeError, match="above the fused kernels"):
+            ops.ssd(*(torch.zeros(1, 8, h, p, device=kernel), torch.zeros(1, 8, h, device=kernel),
+                      torch.zeros(1, 8, gB, n, device=kernel), torch.zeros(1, 8, gC, n, device=kernel)),
+                    chunk_size=64, backend="fused")
+        return  # auto routes these shapes to mamba-ssm or the reference (test_ops_ssd.py checks the routing)
     t = decay_inputs(dtype, kernel, L=L, h=h, p=p, n=n, gB=gB, gC=gC)
     seq = torch.zeros(2, L, dtype=torch.long, device=kernel)
     seq[:, L // 3 :] = 1

@@ -199,3 +199,13 @@ def test_packed_documents_gradcheck() -> None:
         return ssd_chunked(x, log_a, B, C, 4, D=D, initial_state=initial_state, seq_idx=seq)
 
     assert torch.autograd.gradcheck(f, tuple(t.values()))
+
+
+def test_auto_routes_shapes_above_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_load", lambda backend: (True, None))  # pretend both kernels import
+    x = torch.zeros(1, 4, 2, 8)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert ops._fast_backend(x, "auto", "ssd", (64, 64)) == "fused"
+    assert ops._fast_backend(x, "auto", "ssd", (128, 64)) == "mamba_ssm"
+    with pytest.raises(RuntimeError, match="above the fused kernels' 64"):
+        ops._fast_backend(x, "fused", "ssd", (64, 128))

@@ -30,6 +30,18 @@ class TeacherSampler:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any]) -> None:
         self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self._static_failed = False
+        self._bf16: torch.nn.Module | None = None
+
+    def _generator(self) -> torch.nn.Module:
+        """The model that samples: on CUDA a bfloat16 copy (a static cache takes the model's dtype; autocast
+        would hand it bfloat16 keys for float32 storage), elsewhere the teacher itself."""
+        if self.device.type != "cuda":
+            return self.model
+        if self._bf16 is None:
+            import copy
+
+            self._bf16 = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+        return self._bf16
 
     @property
     def device(self) -> torch.device:
@@ -79,9 +91,7 @@ class TeacherSampler:
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any], static: bool) -> torch.Tensor:
         extra = {"cache_implementation": "static"} if static else {}
-        on_cuda = ids.is_cuda  # bf16 on the GPU (the teacher's master weights are float32)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            return self.model.generate(ids, attention_mask=mask, **kwargs, **extra)
+        return self._generator().generate(ids, attention_mask=mask, **kwargs, **extra)
 
 
 class TeacherSamplesSource(TextSource):

@@ -10,9 +10,10 @@ Both return ``(y (b, L, h, p), final_state (b, h, p, n))``. Backends:
 * ``"mamba_ssm"`` -- mamba-ssm's Triton ``mamba_chunk_scan_combined`` (:mod:`surgery.ops.cuda`);
 * ``"reference"`` -- the plain-torch chunked SSD (:mod:`surgery.ops.ssd_reference`), any device.
 
-``"auto"`` (the default) takes, on CUDA tensors, the first of fused / mamba-ssm that imports
-(:data:`PREFERENCE`), else the reference with a one-time warning. CPU tensors always take the
-reference and never import triton or mamba_ssm.
+``"auto"`` (the default; ``SURGERY_SSD_BACKEND`` in the environment sets another) takes, on
+CUDA tensors, the first of fused / mamba-ssm that imports (:data:`PREFERENCE`), else the
+reference with a one-time warning. CPU tensors always take the reference and never import
+triton or mamba_ssm.
 
 :func:`ssd_step` (one decoding step) and :func:`ssd_matrix` (the materialised mixing matrix
 for MOHAWK stage 1, Bick et al. 2024, arXiv 2408.10189) are plain torch on every device.
@@ -20,6 +21,7 @@ for MOHAWK stage 1, Bick et al. 2024, arXiv 2408.10189) are plain torch on every
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,10 +33,15 @@ from .ssd_reference import compute_dtype, segsum, skip_term, ssd_chunked, ssd_ma
 
 Backend = Literal["auto", "reference", "fused", "mamba_ssm"]
 BACKENDS = ("auto", "reference", "fused", "mamba_ssm")
+# Head dims and state sizes the fused kernels are validated for on the GPU (p, n <= 64; 128-wide tiles
+# compiled too slowly in the first GPU run): larger shapes take the next backend.
+FUSED_MAX_DIM = 64
 # Fast backends "auto" tries on CUDA, per entry point, in order (bench/mixers.py measures them side by side).
 PREFERENCE: dict[str, tuple[str, ...]] = {"ssd": ("fused", "mamba_ssm"), "ssd_dt": ("fused", "mamba_ssm")}
 _WARNED = False
-_DEFAULT_BACKEND: Backend = "auto"
+_DEFAULT_BACKEND: Backend = os.environ.get("SURGERY_SSD_BACKEND", "auto")  # type: ignore[assignment]
+if _DEFAULT_BACKEND not in BACKENDS:
+    raise ValueError(f"SURGERY_SSD_BACKEND={_DEFAULT_BACKEND!r}: expected one of {', '.join(BACKENDS)}")
 
 __all__ = [
     "Backend",
@@ -91,8 +98,15 @@ def kernel_available(device: torch.device | str, backend: str = "fused") -> bool
     return _load(backend)[0]
 
 
-def _fast_backend(x: torch.Tensor, backend: Backend | None, entry: str) -> str | None:
-    """The fast backend to run (None: the reference)."""
+def _fits(candidate: str, dims: tuple[int, int]) -> tuple[bool, str | None]:
+    """Whether ``candidate`` takes head dim and state size ``dims``."""
+    if candidate == "fused" and max(dims) > FUSED_MAX_DIM:
+        return False, f"head dim {dims[0]} / state {dims[1]} above the fused kernels' {FUSED_MAX_DIM}"
+    return True, None
+
+
+def _fast_backend(x: torch.Tensor, backend: Backend | None, entry: str, dims: tuple[int, int]) -> str | None:
+    """The fast backend to run (None: the reference); ``dims``: (head dim p, state size n)."""
     global _WARNED
     backend = _DEFAULT_BACKEND if backend is None else backend
     _check_backend(backend)
@@ -103,13 +117,17 @@ def _fast_backend(x: torch.Tensor, backend: Backend | None, entry: str) -> str |
             raise RuntimeError(f"backend={backend!r} needs CUDA tensors")
         return None
     if backend != "auto":
-        ok, why = _load(backend)
+        ok, why = _fits(backend, dims)
+        if ok:
+            ok, why = _load(backend)
         if not ok:
             raise RuntimeError(f"the {backend} kernels are unavailable: {why}")
         return backend
     reasons = []
     for candidate in PREFERENCE[entry]:
-        ok, why = _load(candidate)
+        ok, why = _fits(candidate, dims)
+        if ok:
+            ok, why = _load(candidate)
         if ok:
             return candidate
         reasons.append(f"{candidate}: {why}")
@@ -143,7 +161,7 @@ def ssd(
     reset where the id changes) -> y (b, L, h, p), final state (b, h, p, n). ``backend``: see the
     module docstring; None: the :func:`use_backend` default.
     """
-    fast = _fast_backend(x, backend, "ssd") if x.shape[1] > 0 else None
+    fast = _fast_backend(x, backend, "ssd", (x.shape[-1], B.shape[-1])) if x.shape[1] > 0 else None
     if fast == "fused":
         from .ssd_fused import ssd_fused
 
@@ -173,7 +191,7 @@ def ssd_dt(
     x (b, L, h, p), dt (b, L, h) >= 0, A (h,) < 0, B (b, L, gB, n), C (b, L, gC, n), D (h,),
     initial_state (b, h, p, n), seq_idx (b, L) -> y (b, L, h, p), final state (b, h, p, n).
     """
-    fast = _fast_backend(x, backend, "ssd_dt") if x.shape[1] > 0 else None
+    fast = _fast_backend(x, backend, "ssd_dt", (x.shape[-1], B.shape[-1])) if x.shape[1] > 0 else None
     if fast == "mamba_ssm":
         from .cuda import ssd_dt_triton
 

@@ -10,6 +10,7 @@ CPU tensors always take the reference and never import triton.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,12 +54,15 @@ def matrix_squared_distance(
     k: torch.Tensor,
     scale: float,
     factors: MatrixFactors,
-    backend: Literal["auto", "reference", "fused"] = "auto",
+    backend: Literal["auto", "reference", "fused"] | None = None,
 ) -> torch.Tensor:
     """``||M - P||_F^2`` per (batch, head): ``(b, h)``, differentiable in the factors (not in q, k).
 
-    ``backend``: "auto" (the fused kernels on CUDA, the reference elsewhere), "reference" or "fused".
+    ``backend``: "auto" (the fused kernels on CUDA, the reference elsewhere), "reference" or "fused";
+    None: ``SURGERY_STAGE1_BACKEND`` from the environment, else "auto".
     """
+    if backend is None:
+        backend = os.environ.get("SURGERY_STAGE1_BACKEND", "auto")  # type: ignore[assignment]
     if backend not in ("auto", "reference", "fused"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'fused', got {backend!r}")
     h = q.shape[1]
