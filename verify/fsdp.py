@@ -34,8 +34,9 @@ class FullyShardedStudent(DataParallel):
 
     A copy of the student is sharded and trained; the plain student's parameters are released
     meanwhile (its buffers, never trained, stay) and receive the trained weights in
-    :meth:`finish`. The FSDP root is the base model (embeddings, layers, final norm), not the
-    causal-LM wrapper, so an objective may call the base model and use the LM head's weight
+    :meth:`finish`. The FSDP root is the module holding the decoder layers (the base model, or
+    OPT's decoder: embeddings, layers, final norm), not the causal-LM wrapper, so an objective may
+    call the base model and use the LM head's weight
     directly outside any forward (the fused distillation loss does): the LM head's weight is
     therefore not sharded (outside the root when untied, an ignored parameter of the root when
     tied to the embedding); it is replicated and its gradient all-reduced as in stage 2.
@@ -48,12 +49,13 @@ class FullyShardedStudent(DataParallel):
         self.config = config
         self.sharded: nn.Module | None = None
 
-    def policy(self) -> Any:
+    def policy(self, output_dtype: torch.dtype | None = None) -> Any:
         """FSDP2's mixed-precision policy from the recipe's ``distributed`` section."""
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         return MixedPrecisionPolicy(param_dtype=getattr(torch, self.config.fsdp_param_dtype),
-                                    reduce_dtype=getattr(torch, self.config.fsdp_reduce_dtype))
+                                    reduce_dtype=getattr(torch, self.config.fsdp_reduce_dtype),
+                                    output_dtype=output_dtype)
 
     def prepare(self, student: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -63,14 +65,17 @@ class FullyShardedStudent(DataParallel):
 
         mesh = init_device_mesh(self.ranks.device.type, (self.world_size,))
         sharded = copy.deepcopy(student)
-        options = {"mesh": mesh, "mp_policy": self.policy()}
-        for _, layer in get_adapter(sharded).decoder_layers():
-            fully_shard(layer, reshard_after_forward=self.config.fsdp_reshard_after_forward, **options)
-        base = getattr(sharded, "base_model", sharded)
+        adapter = get_adapter(sharded)
+        for _, layer in adapter.decoder_layers():
+            fully_shard(layer, mesh=mesh, mp_policy=self.policy(),
+                        reshard_after_forward=self.config.fsdp_reshard_after_forward)
+        # the root: the module holding the layers, which both the causal-LM forward and the base model call
+        # (OPT's causal LM calls model.decoder, not model); the head outside it stays replicated
+        root = sharded.get_submodule(adapter.layers_path.rpartition(".")[0])
         head = sharded.get_output_embeddings()
-        tied = {head.weight} if base is not sharded and head is not None and any(
-            head.weight is p for p in base.parameters()) else set()
-        fully_shard(base, ignored_params=tied or None, **options)  # a tied head's weight stays replicated
+        tied = {head.weight} if head is not None and any(head.weight is p for p in root.parameters()) else set()
+        fully_shard(root, mesh=mesh, ignored_params=tied or None,  # a tied head's weight stays replicated
+                    mp_policy=self.policy(output_dtype=torch.float32))  # the replicated head's dtype
         for module in sharded.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # sums: the micro-batch scale already averages
