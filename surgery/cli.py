@@ -2,13 +2,16 @@
 
 Every user-fixable problem is printed as one ``error:`` message without a
 traceback and exits with code 2 before anything is written; ``-v`` shows
-tracebacks. Overrides are ``key.path=value`` words after the recipe.
+tracebacks. Overrides are ``key.path=value`` words after the recipe. ``-q`` and
+``-v`` go before or after the command. The schema-only commands (:data:`SCHEMA_ONLY`)
+import neither torch nor transformers, so they answer in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -73,6 +76,10 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+SCHEMA_ONLY = frozenset({"validate", "schema"})  # commands that never load a model
+_KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[\w-]+)+$")  # stages.stage1.lr
+
+
 def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate recipe paths from ``key.path=value`` overrides."""
     paths = [w for w in words if "=" not in w]
@@ -80,12 +87,23 @@ def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
+def _missing_equals(word: str) -> SurgeryError | None:
+    """An error for a word that is no file but reads like an override without its ``=value``."""
+    from pathlib import Path
+
+    if Path(word).exists() or not _KEY_PATH.match(word) or word.endswith((".yaml", ".yml")):
+        return None
+    return SurgeryError(f"{word!r} is neither a recipe file nor an override: an override needs '=', "
+                        f"e.g. {word}=VALUE")
+
+
 def _load_recipe(args: argparse.Namespace) -> Any:
     from .recipe import Recipe
 
     paths, overrides = _split_overrides(args.overrides)
     if paths:
-        raise SurgeryError(f"expected key.path=value overrides after the recipe, got {paths[0]!r}")
+        raise _missing_equals(paths[0]) or SurgeryError(
+            f"expected key.path=value overrides after the recipe, got {paths[0]!r}")
     return Recipe.load(args.recipe, overrides)
 
 
@@ -108,6 +126,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     paths, overrides = _split_overrides(args.recipe)
     if not paths:
         raise SurgeryError("no recipe given; e.g. surgery validate recipes/*.yaml")
+    for word in paths:
+        error = _missing_equals(word)
+        if error:
+            raise error
     for path in paths:
         recipe = Recipe.load(path, overrides)
         stages = [str(i) for i in (1, 2, 3) if recipe.stage(i).enabled] or ["none"]
@@ -201,7 +223,13 @@ def _subparser(sub: Any, name: str, handler: Callable[[argparse.Namespace], int]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(handler=handler)
+    _add_verbosity(parser, default=argparse.SUPPRESS)  # also after the command: surgery apply R -q
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="No progress bars or info messages.")
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="More output; tracebacks on errors.")
 
 
 OVERRIDES_HELP = "override a recipe field, e.g. stages.stage1.lr=1e-3 (values are YAML: 3, true, [0, 2], null)"
@@ -227,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info messages.")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help="No progress bars or info messages.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="More output; tracebacks on errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -271,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .log import configure
 
-    configure(quiet=args.quiet, verbose=args.verbose)
+    configure(quiet=args.quiet, verbose=args.verbose, libraries=args.command not in SCHEMA_ONLY)
     try:
         return args.handler(args)
     except SurgeryError as err:

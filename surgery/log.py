@@ -13,8 +13,12 @@ logger = logging.getLogger("surgery")
 _quiet = False
 
 
-def configure(quiet: bool = False, verbose: int = 0) -> None:
-    """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output."""
+def configure(quiet: bool = False, verbose: int = 0, libraries: bool = True) -> None:
+    """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output.
+
+    ``libraries=False`` leaves transformers' own logging alone (and unimported): schema-only
+    commands never load it.
+    """
     global _quiet
     _quiet = quiet
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
@@ -27,6 +31,8 @@ def configure(quiet: bool = False, verbose: int = 0) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", module=r"(transformers|gguf|accelerate|torch)\b")
+        if not libraries:
+            return
         try:
             from transformers.utils import logging as hf_logging
 
