@@ -126,7 +126,7 @@ def _first_error(err: ValidationError, field: str) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"{field}.{loc}: unknown option")
         else:
-            parts.append(f"{field}.{loc}: {e['msg']}")
+            parts.append(f"{field}.{loc}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

@@ -77,6 +77,7 @@ DESCRIPTIONS: dict[str, str] = {
 
 
 SCHEMA_ONLY = frozenset({"validate", "schema"})  # commands that never load a model
+LIBRARIES_LATER = SCHEMA_ONLY | {"apply"}  # apply checks its recipe and output before importing transformers
 _KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[\w-]+)+$")  # stages.stage1.lr
 
 
@@ -173,10 +174,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .pipeline import apply
+    from pathlib import Path
+
+    from .output_dir import check_output_dir
 
     recipe = _load_recipe(args)
     opts = options_from_args(ApplyOptions, args)
+    check_output_dir(Path(opts.out if opts.out is not None else recipe.output.dir))  # before torch is imported
+    from .log import quiet_libraries
+    from .pipeline import apply
+
+    quiet_libraries(args.verbose)
     out = apply(recipe, opts)
     print(f"student written to {out}")
     return 0
@@ -299,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .log import configure
 
-    configure(quiet=args.quiet, verbose=args.verbose, libraries=args.command not in SCHEMA_ONLY)
+    configure(quiet=args.quiet, verbose=args.verbose, libraries=args.command not in LIBRARIES_LATER)
     try:
         return args.handler(args)
     except SurgeryError as err:

@@ -16,8 +16,8 @@ _quiet = False
 def configure(quiet: bool = False, verbose: int = 0, libraries: bool = True) -> None:
     """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output.
 
-    ``libraries=False`` leaves transformers' own logging alone (and unimported): schema-only
-    commands never load it.
+    ``libraries=False`` leaves transformers' logging (and the import of transformers) to a later
+    :func:`quiet_libraries`: schema-only commands never load it.
     """
     global _quiet
     _quiet = quiet
@@ -31,15 +31,21 @@ def configure(quiet: bool = False, verbose: int = 0, libraries: bool = True) -> 
         import warnings
 
         warnings.filterwarnings("ignore", module=r"(transformers|gguf|accelerate|torch)\b")
-        if not libraries:
-            return
-        try:
-            from transformers.utils import logging as hf_logging
+    if libraries:
+        quiet_libraries(verbose)
 
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
+
+def quiet_libraries(verbose: int = 0) -> None:
+    """Silence transformers' own info messages and progress bars unless ``verbose`` (imports transformers)."""
+    if verbose:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def quiet() -> bool:

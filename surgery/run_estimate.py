@@ -22,7 +22,8 @@ def _params(model: torch.nn.Module) -> int:
 
 def estimate_training_seconds(recipe: Any, teacher: torch.nn.Module, student: torch.nn.Module,
                               tokens: torch.Tensor, device: torch.device) -> float:
-    """Seconds the enabled stages would train, from one timed teacher forward pass on this device.
+    """Seconds the enabled stages would train, from timed teacher forward passes on this device
+    (the fastest of three after a warm-up).
 
     A trained token costs one teacher forward plus a student forward and backward (about three
     forwards), each in proportion to the model's parameters. ``tokens``: 1-D training tokens
@@ -33,10 +34,14 @@ def estimate_training_seconds(recipe: Any, teacher: torch.nn.Module, student: to
     seq_len = recipe.seq_len(stage)
     rows = max(1, min(recipe.stage(stage).micro_batch, tokens.numel() // seq_len))
     batch = tokens[: rows * seq_len].view(rows, seq_len).to(device=device, dtype=torch.long)  # (b, L)
+    timings = []
     with torch.inference_mode():
-        start = time.perf_counter()
-        teacher(input_ids=batch, use_cache=False)
-        forward = (time.perf_counter() - start) / batch.numel()  # seconds per token
+        teacher(input_ids=batch, use_cache=False)  # warm-up: the first call pays one-time costs
+        for _ in range(3):
+            start = time.perf_counter()
+            teacher(input_ids=batch, use_cache=False)
+            timings.append(time.perf_counter() - start)
+    forward = min(timings) / batch.numel()  # seconds per token
     per_token = forward * (1 + 3 * _params(student) / max(1, _params(teacher)))
     return per_token * sum(recipe.stage(i).tokens for i in (1, 2, 3) if recipe.stage(i).enabled)
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .io import file_kind
 
 MAX_BYTES = 1 << 20  # a recipe is a few kilobytes
 MAX_DEPTH = 32  # a recipe nests about six levels
@@ -109,14 +110,6 @@ def parse_yaml(text: str, source: str) -> Any:
         loader.dispose()
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def read_text_file(path: Path, what: str = "recipe file") -> str:
     """The UTF-8 text of a small regular file; anything else is a RecipeError saying what it is."""
     try:
@@ -125,10 +118,8 @@ def read_text_file(path: Path, what: str = "recipe file") -> str:
         raise RecipeError(f"{path}: no such {what}") from None
     except OSError as err:
         raise RecipeError(f"{path}: cannot read this {what} ({err.strerror})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise RecipeError(f"{path} is a directory, not a {what}")
     if not stat.S_ISREG(info.st_mode):
-        raise RecipeError(f"{path} is {_kind(info.st_mode)}, not a {what}")
+        raise RecipeError(f"{path} is {file_kind(info.st_mode)}, not a {what}")
     if info.st_size > MAX_BYTES:
         raise RecipeError(f"{path} is {info.st_size} bytes; a {what} is a small YAML file (at most {MAX_BYTES} bytes)")
     try:
