@@ -174,13 +174,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .output_dir import check_output_dir
 
     recipe = _load_recipe(args)
     opts = options_from_args(ApplyOptions, args)
-    check_output_dir(Path(opts.out if opts.out is not None else recipe.output.dir))  # before torch is imported
+    check_output_dir(opts.out if opts.out is not None else recipe.output.dir)  # before torch is imported
     from .log import quiet_libraries
     from .pipeline import apply
 

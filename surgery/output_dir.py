@@ -33,7 +33,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def check_output_dir(out: Path) -> None:
+def check_output_dir(out: str | Path) -> None:
     """Raise a :class:`SurgeryError` unless ``out`` names a directory this process can create.
 
     Probes the closest existing ancestor of ``out``'s parent by creating and removing one empty
@@ -42,6 +42,7 @@ def check_output_dir(out: Path) -> None:
     problem = output_name_problem(str(out))
     if problem:
         raise SurgeryError(problem)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise SurgeryError(f"output {out} exists and is not a directory; choose another --out or remove it")
     parent = _nearest_existing(out.absolute().parent)

@@ -113,7 +113,7 @@ def hold_work_dir(work: Path) -> Iterator[None]:
         elif previous.get("host") == socket.gethostname() and _pid_alive(int(previous.get("pid", -1))):
             raise _in_use(work, previous)
         if previous and previous.get("pid") != os.getpid():
-            logger.info("taking over %s from %s, which is no longer running", work / LOCK, _describe(previous))
+            logger.warning("taking over %s from %s, which is no longer running", work / LOCK, _describe(previous))
         if fd is not None:
             _write_record(fd, _record())
         else:
