@@ -13,6 +13,18 @@ logger = logging.getLogger("surgery")
 _quiet = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when it writes (callers and tests may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure(quiet: bool = False, verbose: int = 0, libraries: bool = True) -> None:
     """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output.
 
@@ -22,7 +34,7 @@ def configure(quiet: bool = False, verbose: int = 0, libraries: bool = True) -> 
     global _quiet
     _quiet = quiet
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)

@@ -5,43 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_student_tamper import base, student  # noqa: F401 - fixtures: one good student, a fresh copy per test
+from test_student_tamper import expect as refused
 
 from surgery.cli import main
 from surgery.errors import StudentError
-from surgery.rewriter import rewrite
-from surgery.student import load, save, validate
+from surgery.student import load, validate
 from surgery.student.sizes import stored_layers
-from surgery.teacher import load_teacher
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hostile-students")
-    teacher = load_teacher("random:llama")
-    student, plan = rewrite(teacher.model, [{"mixer": "discrete_mamba2", "params": {"d_state": 16, "chunk_size": 8}}])
-    save(student, root / "good", tokenizer=teacher.tokenizer, plan=plan, teacher=teacher)
-    return root / "good"
-
-
-@pytest.fixture
-def student(good: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "student"
-    shutil.copytree(good, d)
-    return d
-
-
-def refused(d: Path, *fragments: str) -> str:
-    with pytest.raises(StudentError) as err:
-        load(d)
-    for fragment in fragments:
-        assert fragment in str(err.value), str(err.value)
-    return str(err.value)
 
 
 def poison(d: Path, names: list[str], value: float) -> None:
@@ -130,7 +105,7 @@ def test_stored_layers_counts_the_largest_stack() -> None:
     assert stored_layers(["embed.weight"]) == 0
 
 
-def test_a_good_student_still_loads_and_generates(good: Path) -> None:
-    model = load(good)
+def test_a_good_student_still_loads_and_generates(base: Path) -> None:  # noqa: F811
+    model = load(base / "good")
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 5)
