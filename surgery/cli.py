@@ -174,6 +174,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .output_dir import check_output_dir
 
     recipe = _load_recipe(args)
@@ -183,7 +185,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .pipeline import apply
 
     quiet_libraries(args.verbose)
-    out = apply(recipe, opts)
+    try:
+        out = apply(recipe, opts)
+    except KeyboardInterrupt:
+        work = Path(opts.out if opts.out is not None else recipe.output.dir)
+        work = work.with_name(work.name + ".partial")
+        resumable = (work / "checkpoint" / "state.json").is_file()
+        print("\ninterrupted; " + ("the same command with --resume continues from the last checkpoint"
+                                   if resumable else "nothing was checkpointed yet: run the same command again"),
+              file=sys.stderr)
+        return 130
     print(f"student written to {out}")
     return 0
 
@@ -318,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; 'surgery apply ... --resume' continues an interrupted run", file=sys.stderr)
+    except KeyboardInterrupt:  # surgery apply says whether --resume can continue (cmd_apply)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -105,13 +105,14 @@ def hold_work_dir(work: Path) -> Iterator[None]:
     """Hold the lock on ``work`` (created if needed) for the body; refuse when another run holds it."""
     created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
-    fd = None
+    fd, held = None, False
     try:
         previous = read_holder(work)
         if fcntl is not None:
             fd = _take_flock(work)
         elif previous.get("host") == socket.gethostname() and _pid_alive(int(previous.get("pid", -1))):
             raise _in_use(work, previous)
+        held = True
         if previous and previous.get("pid") != os.getpid():
             logger.warning("taking over %s from %s, which is no longer running", work / LOCK, _describe(previous))
         if fd is not None:
@@ -120,8 +121,10 @@ def hold_work_dir(work: Path) -> Iterator[None]:
             (work / LOCK).write_text(json.dumps(_record()) + "\n", encoding="utf-8")
         yield
     except BaseException:
-        if created and work.is_dir() and {p.name for p in work.iterdir()} <= {LOCK}:
-            shutil.rmtree(work, ignore_errors=True)  # a refused or failed run leaves nothing behind
+        # a refused run leaves nothing behind; a failed one removes a work directory holding only its lock
+        left = {p.name for p in work.iterdir()} if work.is_dir() else None
+        if left is not None and ((held and left <= {LOCK}) or (created and not left)):
+            shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         if fd is not None:

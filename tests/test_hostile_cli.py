@@ -122,3 +122,23 @@ def test_eval_on_a_small_heldout_split_names_seq_len(tmp_path: Path, capsys: pyt
 def test_out_of_range_flags_name_the_flag(capsys: pytest.CaptureFixture[str], flag: str, value: str) -> None:
     err = one_error(capsys, ["generate", "random:llama", "hi", flag, value, "--device", "cpu"])
     assert err.startswith(f"error: {flag}: ")
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_interrupted_apply_says_whether_resume_can_continue(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch, checkpointed: bool) -> None:
+    import surgery.pipeline as pipeline
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        if checkpointed:
+            (tmp_path / "out.partial" / "checkpoint").mkdir(parents=True)
+            (tmp_path / "out.partial" / "checkpoint" / "state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "apply", interrupted)
+    assert main(["-q", "apply", str(TINY), "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    if checkpointed:
+        assert "the same command with --resume continues from the last checkpoint" in err
+    else:
+        assert "nothing was checkpointed yet: run the same command again" in err and "--resume" not in err

@@ -69,7 +69,11 @@ def test_second_run_is_refused_naming_the_holder_then_a_stale_lock_is_taken_over
     assert f"from process {holder.pid}" in caplog.text and "no longer running" in caplog.text
 
 
-def test_a_run_that_fails_in_setup_leaves_no_work_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lock-left"])
+def test_a_run_that_fails_in_setup_leaves_no_work_directory(tmp_path: Path, stale: bool) -> None:
+    if stale:  # a run killed during its setup left its lock behind
+        (tmp_path / "out.partial").mkdir()
+        (tmp_path / "out.partial" / LOCK).write_text(json.dumps({"pid": 2**22 + 12345, "host": "x"}))
     recipe = tiny(tmp_path, "teacher.model=/no/such/teacher")
     with pytest.raises(SurgeryError, match="/no/such/teacher"):
         apply(recipe)
