@@ -128,7 +128,7 @@ class Run:
 
         seconds = estimate_training_seconds(self.recipe, self.teacher.model, self.student, self.corpus.train,
                                             self.device)
-        return f"{human_duration(seconds)} on {self.device} (a rough estimate from timed teacher forward passes)"
+        return f"{human_duration(seconds)} or more on {self.device} (estimated from timed teacher forward passes)"
 
     # ------------------------------------------------------------------ state
 
