@@ -6,10 +6,15 @@
 Rows, forward and forward+backward, in ms and as a ratio to SDPA:
 
 * ``ssd reference`` -- our plain-torch chunked SSD (:func:`surgery.ops.ssd_chunked`, computed in float32),
-* ``ssd triton``    -- mamba-ssm's ``mamba_chunk_scan_combined`` through our dispatch
+* ``ssd fused``     -- surgery's fused Triton kernels (:mod:`surgery.ops.ssd_fused`), decay form,
+* ``ssd mamba-ssm`` -- mamba-ssm's ``mamba_chunk_scan_combined`` through our dispatch
   (discrete-Mamba-2 decay form, i.e. including the ``x / dt`` mapping of :mod:`surgery.ops.cuda`),
-* ``ssd triton dt-form`` -- the same kernel in its native Mamba-2 form (no ``x / dt``), for comparison,
-* ``sdpa causal``   -- ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
+* ``ssd mamba-ssm dt-form`` -- the same kernel in its native Mamba-2 form (no ``x / dt``),
+* ``ssd fused dt-form`` -- the Mamba-2 form on surgery's kernels (``log_a = dt A``, input ``dt x``),
+* ``sdpa causal``   -- ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``,
+* ``stage1 materialised`` / ``stage1 fused`` -- the stage-1 loss (teacher softmax of ``q k^T``,
+  student SSD matrix, Frobenius distance; :func:`surgery.ops.stage1.matrix_squared_distance`),
+  with the peak memory of its forward+backward.
 
 GPU timing uses CUDA events after warmup (median of the timed iterations); CPU uses perf_counter.
 A row whose run fails (e.g. out of memory, kernel missing) prints the error instead of a time.
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import ops  # noqa: E402
+from surgery.ops.stage1 import MatrixFactors, matrix_squared_distance  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -56,8 +62,9 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
     return statistics.median(times)
 
 
-def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, device: torch.device, chunk: int):
-    """name -> (forward, forward+backward) closures."""
+def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, device: torch.device, chunk: int,
+               stage1_len: int | None = None, backends: tuple[str, ...] = ("fused", "mamba_ssm")):
+    """name -> (forward, forward+backward) closures (the materialised stage 1 only up to ``stage1_len``)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -78,8 +85,20 @@ def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, devic
 
     dt_raw, A = r(b, L, h), -torch.rand(h, generator=g, device=device) - 0.5
 
-    def ssd_dt() -> torch.Tensor:
-        return ops.ssd_dt(x, F.softplus(dt_raw.float()), A, B, C, chunk_size=chunk, backend="triton")[0]
+    def ssd_dt(backend: str) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            return ops.ssd_dt(x, F.softplus(dt_raw.float()), A, B, C, chunk_size=chunk, backend=backend)[0]
+
+        return run
+
+    Bg = r(b, L, max(1, h // 3), n, scale=n**-0.5)  # GQA-shared B, as students have it (3 query heads per group)
+
+    def stage1(backend: str) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            factors = MatrixFactors(-F.softplus(A_log.float()), Bg, C, D=None)
+            return matrix_squared_distance(q, k, p**-0.5, factors, backend=backend).sqrt().mean()
+
+        return run
 
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -98,23 +117,39 @@ def make_cases(b: int, L: int, h: int, p: int, n: int, dtype: torch.dtype, devic
 
         return run
 
+    one = torch.ones((), device=device)
     cases = {"ssd reference": (fwd(ssd("reference")), fwd_bwd(ssd("reference"), dy))}
     if device.type == "cuda":
-        cases["ssd triton"] = (fwd(ssd("triton")), fwd_bwd(ssd("triton"), dy))
-        cases["ssd triton dt-form"] = (fwd(ssd_dt), fwd_bwd(ssd_dt, dy))
+        for name, backend in (("fused", "fused"), ("mamba-ssm", "mamba_ssm")):
+            if backend not in backends:
+                continue
+            cases[f"ssd {name}"] = (fwd(ssd(backend)), fwd_bwd(ssd(backend), dy))
+            cases[f"ssd {name} dt-form"] = (fwd(ssd_dt(backend)), fwd_bwd(ssd_dt(backend), dy))
     cases["sdpa causal"] = (fwd(sdpa), fwd_bwd(sdpa, do))
+    if stage1_len is None or L <= stage1_len:
+        cases["stage1 materialised"] = (fwd(stage1("reference")), fwd_bwd(stage1("reference"), one))
+    if device.type == "cuda":
+        cases["stage1 fused"] = (fwd(stage1("fused")), fwd_bwd(stage1("fused"), one))
     return cases
 
 
 def run_shape(b: int, L: int, args: argparse.Namespace, device: torch.device) -> list[tuple[str, ...]]:
     dtype = DTYPES[args.dtype]
-    cases = make_cases(b, L, args.heads, args.head_dim, args.d_state, dtype, device, args.chunk_size)
+    cases = make_cases(b, L, args.heads, args.head_dim, args.d_state, dtype, device, args.chunk_size,
+                       stage1_len=args.stage1_max_len, backends=tuple(args.backends.split(",")))
     results: dict[str, list[float | str]] = {}
+    peaks: dict[str, float] = {}
     for name, pair in cases.items():
         row: list[float | str] = []
-        for fn in pair:
+        for i, fn in enumerate(pair):
             try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
                 row.append(timed(fn, device, args.warmup, args.iters))
+                if device.type == "cuda" and i == 1:
+                    peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
             except Exception as err:  # OOM, missing kernel: report and go on
                 row.append(f"{type(err).__name__}: {str(err).splitlines()[0][:60]}")
                 if device.type == "cuda":
@@ -131,7 +166,8 @@ def run_shape(b: int, L: int, args: argparse.Namespace, device: torch.device) ->
             return f"{t:.3f}", ratio
 
         (fs, fr), (bs, br) = cell(f, base[0]), cell(fb, base[1])
-        rows.append((f"b={b} L={L}", name, f"{fs} ({fr})", f"{bs} ({br})"))
+        peak = f"{peaks[name]:.2f}" if name in peaks else "n/a"
+        rows.append((f"b={b} L={L}", name, f"{fs} ({fr})", f"{bs} ({br})", peak))
     return rows
 
 
@@ -145,6 +181,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--backends", default="fused,mamba_ssm", help="fast SSD backends to time (comma-separated)")
+    parser.add_argument("--stage1-max-len", type=int, default=2048,
+                        help="longest sequence for the materialised stage-1 row (it grows as L^2)")
     args = parser.parse_args(argv)
     if args.quick:
         device = torch.device("cpu")
@@ -155,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
         if not torch.cuda.is_available():
             parser.error("needs CUDA (or pass --quick for a CPU smoke run)")
         device = torch.device("cuda")
-        shapes = [(8, 2048), (1, 16384)]
+        shapes = [(8, 2048), (1, 8192), (1, 16384)]
     print(
         f"# {device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} dtype={args.dtype} "
         f"heads={args.heads} head_dim={args.head_dim} d_state={args.d_state} chunk={args.chunk_size}; "
@@ -164,8 +203,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for b, L in shapes:
         rows += run_shape(b, L, args, device)
-    header = ("shape", "what", "fwd ms", "fwd+bwd ms")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    header = ("shape", "what", "fwd ms", "fwd+bwd ms", "fwd+bwd peak GiB")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     return rows

@@ -31,6 +31,7 @@ _EXPORTS = {
     "save": "surgery.student",
     "load_tokenizer": "surgery.student",
     "apply": "surgery.pipeline",
+    "export": "surgery.native",
 }
 
 

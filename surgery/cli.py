@@ -1,4 +1,4 @@
-"""The ``surgery`` command: validate, schema, plan, diff, apply, verify, generate, eval.
+"""The ``surgery`` command: validate, schema, plan, diff, apply, verify, generate, eval, export.
 
 Every user-fixable problem is printed as one ``error:`` message without a
 traceback and exits with code 2 before anything is written; ``-v`` shows
@@ -23,6 +23,7 @@ from .options import (
     ApplyOptions,
     DiffOptions,
     EvalOptions,
+    ExportOptions,
     GenerateOptions,
     PlanOptions,
     add_options,
@@ -62,6 +63,10 @@ EXAMPLES: dict[str, str] = {
         surgery eval builtin:smollm2-135m --data builtin:python-docs --tokens 4096
         surgery eval runs/smollm2-mamba --data builtin:python-docs --tokens 4096
     """,
+    "export": """
+        surgery export runs/smollm2-hybrid --to bamba -o runs/smollm2-hybrid-bamba
+        vllm serve runs/smollm2-hybrid-bamba        # or AutoModelForCausalLM.from_pretrained, no surgery needed
+    """,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -73,6 +78,8 @@ DESCRIPTIONS: dict[str, str] = {
     "verify": "Measure a student's alignment with its teacher: stage-1/2 distances, KL, perplexities, top-1 agreement.",
     "generate": "Generate text with a student (or any model reference), streaming tokens as they come.",
     "eval": "Held-out perplexity of a teacher reference or a student directory (same code path for both).",
+    "export": "Write a student as a native transformers checkpoint (e.g. BambaForCausalLM) that loads without surgery; "
+              "refuses, naming the mismatch, whatever the target cannot express exactly.",
 }
 
 
@@ -228,6 +235,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .native import export
+
+    opts = options_from_args(ExportOptions, args)
+    out = export(args.student, opts.output, to=opts.to, overwrite=opts.overwrite)
+    print(f"native {opts.to} checkpoint written to {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -304,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "eval", cmd_eval)
     p.add_argument("model", metavar="MODEL_DIR|REF", help="a student directory or a teacher reference")
     add_options(p, EvalOptions)
+
+    p = _subparser(sub, "export", cmd_export)
+    p.add_argument("student", metavar="STUDENT_DIR", help="a directory written by surgery apply or surgery.save")
+    add_options(p, ExportOptions, short={"output": "-o"})
     return parser
 
 

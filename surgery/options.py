@@ -72,6 +72,14 @@ class GenerateOptions(Options):
     )
 
 
+class ExportOptions(Options):
+    """Options of ``surgery export``."""
+
+    to: str = Field(default="bamba", description="Native architecture to export to (surgery.native.TARGETS).")
+    output: str | None = Field(default=None, description="Output directory of the native checkpoint (required).")
+    overwrite: bool = Field(default=False, description="Replace an existing output directory.")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -114,7 +114,7 @@ class Run:
         self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device), progress=not quiet())
         self.student, self.plan = rewrite(self.teacher.model, r.replace)
         self.nodes = replaced_nodes(self.student)
-        self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet())
+        self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet(), sampler=self._sampler())
         self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
                                        batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
         s1_tokens = r.verify.stage1_tokens or r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)
@@ -129,6 +129,14 @@ class Run:
         seconds = estimate_training_seconds(self.recipe, self.teacher.model, self.student, self.corpus.train,
                                             self.device)
         return f"{human_duration(seconds)} or more on {self.device} (estimated from timed teacher forward passes)"
+
+    def _sampler(self) -> Any:
+        """The teacher as a sampler, where a data source samples from it (``builtin:teacher-samples``)."""
+        if not any(s.source == "builtin:teacher-samples" for s in self.recipe.data.sources):
+            return None
+        from .data.teacher_samples import TeacherSampler
+
+        return TeacherSampler(self.teacher.model, self.teacher.tokenizer, self.teacher.provenance())
 
     # ------------------------------------------------------------------ state
 

@@ -63,17 +63,47 @@ class TeacherConfig(StrictModel):
     )
 
 
+class SamplingConfig(StrictModel):
+    """How ``builtin:teacher-samples`` draws documents from the teacher (distillation data on its own distribution)."""
+
+    length: int = Field(default=512, ge=8, le=32768, description="New tokens per sample (one document each).")
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int = Field(default=64, gt=0, le=4096, description="Samples generated together.")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts to start samples from, used in turn; empty: every sample starts from the BOS token alone.",
+    )
+    static_cache: bool = Field(
+        default=True,
+        description="On CUDA, generate with a static KV cache (transformers compiles the decoding step); "
+        "false: the dynamic cache.",
+    )
+
+
 class DataSource(StrictModel):
     """One text source; several are mixed by weight."""
 
     source: str = Field(
         description=(
             "'builtin:python-stdlib' (the standard library's .py files), 'builtin:python-docs' "
-            "(pydoc_data English reference prose), a glob of local .txt/.jsonl files, or "
-            "'hf:<dataset>[/<config>]' for a Hugging Face dataset (needs network or a local cache)."
+            "(pydoc_data English reference prose), 'builtin:wikipedia' (English Wikipedia articles shipped "
+            "in gensim's wheel), 'builtin:news' (the Lee news corpus, likewise; kept for evaluation), "
+            "'builtin:teacher-samples' (text sampled from the teacher itself, see `sampling`), a glob of "
+            "local .txt/.jsonl files, or 'hf:<dataset>[/<config>]' for a Hugging Face dataset (needs "
+            "network or a local cache)."
         ),
         min_length=1,
     )
+    sampling: SamplingConfig | None = Field(
+        default=None, description="builtin:teacher-samples only: how samples are drawn (defaults apply when omitted)."
+    )
+
+    @model_validator(mode="after")
+    def _sampling_only_for_samples(self) -> DataSource:
+        if self.sampling is not None and self.source != "builtin:teacher-samples":
+            raise ValueError(f"sampling applies to builtin:teacher-samples only, not {self.source!r}")
+        return self
     weight: float = Field(default=1.0, gt=0, description="Relative share of tokens drawn from this source.")
     text_field: str = Field(default="text", description="Field holding the text in .jsonl files and datasets.")
     split: str = Field(default="train", description="Dataset split for 'hf:' sources.")

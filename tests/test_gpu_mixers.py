@@ -1,6 +1,7 @@
-"""GPU: the Triton path (mamba-ssm through surgery.ops.cuda) against the float64 reference; cached decode.
+"""GPU: the Triton paths (surgery's fused kernels, mamba-ssm) against the float64 reference; cached decode.
 
-Skipped without CUDA. Run on the GPU machine with mamba-ssm installed (see surgery/ops/cuda.py):
+Skipped without CUDA (and a backend without its kernels). Run on the GPU machine (mamba-ssm: see
+surgery/ops/cuda.py):
 
     python -m pytest tests/test_gpu_mixers.py -q
 
@@ -33,15 +34,23 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture
-def kernel(cuda: torch.device) -> torch.device:
-    """CUDA with the mamba-ssm Triton kernel importable (skips otherwise, with the import error)."""
-    from surgery.ops import cuda as cuda_ops
+# SURGERY_GPU_BACKENDS=fused skips mamba-ssm's kernels (their cold autotuning takes minutes).
+BACKENDS = os.environ.get("SURGERY_GPU_BACKENDS", "fused,mamba_ssm").split(",")
 
-    if cuda_ops.load_kernel() is None:
-        pytest.skip(f"mamba-ssm Triton kernel unavailable: {cuda_ops.load_error()}")
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, cuda: torch.device) -> str:
+    """A fast backend whose kernels import on this CUDA machine (skips otherwise, with the reason)."""
+    ok, why = ops._load(request.param)
+    if not ok:
+        pytest.skip(f"{request.param} kernels unavailable: {why}")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    return request.param
+
+
+@pytest.fixture
+def kernel(backend: str, cuda: torch.device) -> torch.device:
     return cuda
 
 
@@ -92,7 +101,7 @@ def decay_inputs(dtype: torch.dtype, device: torch.device, b=2, L=300, h=4, p=32
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pad", [0, 5])
-def test_triton_decay_form_matches_reference(kernel: torch.device, dtype: torch.dtype, pad: int) -> None:
+def test_triton_decay_form_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype, pad: int) -> None:
     t = decay_inputs(dtype, kernel, pad=pad)
     # Padding enters as x = 0 and log_a = 0 (dt = 0), as the mixers feed it. There the kernel's input scale dt is 0,
     # so d(out)/dx is 0 on the kernel path but not in the decay form: mask x like the mixers do (grads then agree).
@@ -100,7 +109,7 @@ def test_triton_decay_form_matches_reference(kernel: torch.device, dtype: torch.
     keep[:, :pad] = 0
 
     def fast(x, log_a, B, C, D, initial_state):
-        return ops.ssd(x * keep, log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="triton")
+        return ops.ssd(x * keep, log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, backend=backend)
 
     def ref(x, log_a, B, C, D, initial_state):
         return ops.ssd(x * keep.to(x.dtype), log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="reference")
@@ -109,7 +118,7 @@ def test_triton_decay_form_matches_reference(kernel: torch.device, dtype: torch.
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_dt_form_matches_reference(kernel: torch.device, dtype: torch.dtype) -> None:
+def test_triton_dt_form_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype) -> None:
     t = decay_inputs(dtype, kernel, L=200, gB=2, gC=2)
     g = torch.Generator(device=kernel).manual_seed(2)
     t.pop("log_a")
@@ -117,7 +126,7 @@ def test_triton_dt_form_matches_reference(kernel: torch.device, dtype: torch.dty
     t["A"] = -torch.rand(4, generator=g, device=kernel) * 4 - 0.5
 
     def fast(x, dt, A, B, C, D, initial_state):
-        return ops.ssd_dt(x, dt, A, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="triton")
+        return ops.ssd_dt(x, dt, A, B, C, chunk_size=64, D=D, initial_state=initial_state, backend=backend)
 
     def ref(x, dt, A, B, C, D, initial_state):
         return ops.ssd_dt(x, dt, A, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="reference")
@@ -127,7 +136,7 @@ def test_triton_dt_form_matches_reference(kernel: torch.device, dtype: torch.dty
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["discrete_mamba2", "mamba2"])
-def test_mixer_triton_matches_reference(kernel: torch.device, dtype: torch.dtype, name: str) -> None:
+def test_mixer_triton_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype, name: str) -> None:
     cls = get_mixer(name)
     torch.manual_seed(0)
     params = {"chunk_size": 48}  # not a power of two: the kernel rounds it up
@@ -143,20 +152,25 @@ def test_mixer_triton_matches_reference(kernel: torch.device, dtype: torch.dtype
     mask[0, :7] = False
     dout = torch.randn(2, 150, 128, device=kernel).to(dtype)
     results = {}
-    for backend in ("triton", "reference"):
+    for which in (backend, "reference"):
         mixer.zero_grad()
         leaf = u.clone().requires_grad_()
-        with ops.use_backend(backend):
+        with ops.use_backend(which):
             out = mixer.mix(leaf, mask)
         out.backward(dout)
-        results[backend] = {"out": out.detach(), "du": leaf.grad} | {n: p.grad.clone() for n, p in mixer.named_parameters()}
-    errors = {k: rel(results["triton"][k], results["reference"][k]) for k in results["triton"]}
+        results[which] = {"out": out.detach(), "du": leaf.grad} | {n: p.grad.clone() for n, p in mixer.named_parameters()}
+    errors = {k: rel(results[backend][k], results["reference"][k]) for k in results[backend]}
     bad = {k: v for k, v in errors.items() if not v < TOL[dtype]}
     assert not bad, f"{name} {dtype}: {bad}"
 
 
 @pytest.mark.parametrize("name", ["discrete_mamba2", "mamba2"])
-def test_cached_decode_on_cuda(kernel: torch.device, name: str) -> None:
+def test_cached_decode_on_cuda(kernel: torch.device, backend: str, name: str) -> None:
+    with ops.use_backend(backend):
+        cached_decode_matches_recomputation(kernel, name)
+
+
+def cached_decode_matches_recomputation(kernel: torch.device, name: str) -> None:
     for layers in (None, [0, 2]):  # fully converted, then hybrid
         model = naive_student(random_model("llama"), mixer=name, layers=layers, params={"chunk_size": 16}).to(kernel)
         enable_recurrent_cache(model)
@@ -174,11 +188,33 @@ def test_cached_decode_on_cuda(kernel: torch.device, name: str) -> None:
     assert rel(got, full[:, 36:-1]) < 5e-2
 
 
-def test_fallback_warns_once_and_uses_reference(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
-    from surgery.ops import cuda as cuda_ops
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("L", "h", "p", "n", "gB", "gC"), [(300, 4, 32, 16, 2, 4), (1000, 9, 64, 64, 3, 9), (129, 2, 128, 128, 1, 2)])
+def test_packed_documents_and_student_shapes(kernel: torch.device, backend: str, dtype: torch.dtype,
+                                              L: int, h: int, p: int, n: int, gB: int, gC: int) -> None:
+    if backend == "fused" and max(p, n) > ops.FUSED_MAX_DIM:
+        with pytest.raises(RuntimeError, match="above the fused kernels"):
+            ops.ssd(*(torch.zeros(1, 8, h, p, device=kernel), torch.zeros(1, 8, h, device=kernel),
+                      torch.zeros(1, 8, gB, n, device=kernel), torch.zeros(1, 8, gC, n, device=kernel)),
+                    chunk_size=64, backend="fused")
+        return  # auto routes these shapes to mamba-ssm or the reference (test_ops_ssd.py checks the routing)
+    t = decay_inputs(dtype, kernel, L=L, h=h, p=p, n=n, gB=gB, gC=gC)
+    seq = torch.zeros(2, L, dtype=torch.long, device=kernel)
+    seq[:, L // 3 :] = 1
+    seq[1, L // 2 :] = 2  # the second row has three documents, the first two
+    seq[:, L - 5 :] += 1  # a short document at the end, straddling no chunk boundary
 
-    monkeypatch.setattr(cuda_ops, "_KERNEL", None)
-    monkeypatch.setattr(cuda_ops, "_LOAD_ERROR", "ImportError: pretend")
+    def fast(x, log_a, B, C, D, initial_state):
+        return ops.ssd(x, log_a, B, C, chunk_size=128, D=D, initial_state=initial_state, seq_idx=seq, backend=backend)
+
+    def ref(x, log_a, B, C, D, initial_state):
+        return ops.ssd(x, log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, seq_idx=seq, backend="reference")
+
+    compare(fast, ref, t, dtype, t["x"].shape, t["initial_state"].shape, kernel)
+
+
+def test_fallback_warns_once_and_uses_reference(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_load", lambda backend: (False, "ImportError: pretend"))
     monkeypatch.setattr(ops, "_WARNED", False)
     t = decay_inputs(torch.float32, cuda, L=40)
     with pytest.warns(RuntimeWarning, match="pretend"):

@@ -120,10 +120,12 @@ def test_entry_point_cpu_uses_reference_and_checks_backend() -> None:
     y_ref, _ = ssd_naive(t["x"], t["log_a"], t["B"], t["C"], D=t["D"])
     assert rel(y, y_ref) < 1e-10
     with pytest.raises(RuntimeError, match="CUDA"):
-        ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, backend="triton")
+        ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, backend="fused")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, backend="mamba_ssm")
     with pytest.raises(ValueError, match="backend"):
         ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=4, backend="fast")  # type: ignore[arg-type]
-    assert not ops.kernel_available("cpu")
+    assert not ops.kernel_available("cpu") and not ops.kernel_available("cpu", "mamba_ssm")
 
 
 def test_shape_errors_are_clear() -> None:
@@ -143,3 +145,67 @@ def test_segsum() -> None:
         for j in range(6):
             want = a[j + 1 : i + 1].sum().item() if i >= j else float("-inf")
             assert S[i, j].item() == pytest.approx(want, abs=1e-12)
+
+
+def documents(b: int = 2, L: int = 23) -> torch.Tensor:
+    """Packed-document ids (b, L): resets at different places per row, one mid-sequence, one near the end."""
+    seq = torch.zeros(b, L, dtype=torch.long)
+    seq[:, 7:] = 1
+    seq[:, L - 3 :] = 2
+    seq[1, 2:] += 1
+    return seq
+
+
+def per_document(t: dict[str, torch.Tensor], seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth for packed sequences: every document run on its own (the initial state for the first)."""
+    ys, finals = [], []
+    for r in range(seq.shape[0]):
+        state = t["initial_state"][r : r + 1]
+        pieces = []
+        for d in seq[r].unique():
+            at = (seq[r] == d).nonzero().flatten()
+            sl = slice(at[0].item(), at[-1].item() + 1)
+            y, final = ssd_naive(t["x"][r : r + 1, sl], t["log_a"][r : r + 1, sl], t["B"][r : r + 1, sl],
+                                 t["C"][r : r + 1, sl], D=t["D"], initial_state=state)
+            pieces.append(y)
+            state = None
+        ys.append(torch.cat(pieces, 1))
+        finals.append(final)
+    return torch.cat(ys), torch.cat(finals)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])
+def test_packed_documents_never_share_state(chunk_size: int) -> None:
+    t = inputs(L=23, seed=20 + chunk_size)
+    seq = documents()
+    y_doc, s_doc = per_document(t, seq)
+    y_naive, s_naive = ssd_naive(**t, seq_idx=seq)
+    y, s = ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], chunk_size, D=t["D"], initial_state=t["initial_state"],
+                       seq_idx=seq)
+    assert rel(y_naive, y_doc) < 1e-12 and rel(s_naive, s_doc) < 1e-12
+    assert rel(y, y_doc) < 1e-10 and rel(s, s_doc) < 1e-10
+    # a single document is the unpacked computation
+    y1, s1 = ssd_chunked(t["x"], t["log_a"], t["B"], t["C"], chunk_size, D=t["D"], initial_state=t["initial_state"],
+                         seq_idx=torch.zeros_like(seq))
+    y0, s0 = ssd_naive(**t)
+    assert rel(y1, y0) < 1e-10 and rel(s1, s0) < 1e-10
+
+
+def test_packed_documents_gradcheck() -> None:
+    t = inputs(b=2, L=9, h=2, p=2, n=3, gB=1, gC=2, seed=30, requires_grad=True)
+    seq = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+
+    def f(x, log_a, B, C, D, initial_state):
+        return ssd_chunked(x, log_a, B, C, 4, D=D, initial_state=initial_state, seq_idx=seq)
+
+    assert torch.autograd.gradcheck(f, tuple(t.values()))
+
+
+def test_auto_routes_shapes_above_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_load", lambda backend: (True, None))  # pretend both kernels import
+    x = torch.zeros(1, 4, 2, 8)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert ops._fast_backend(x, "auto", "ssd", (64, 64)) == "fused"
+    assert ops._fast_backend(x, "auto", "ssd", (128, 64)) == "mamba_ssm"
+    with pytest.raises(RuntimeError, match="above the fused kernels' 64"):
+        ops._fast_backend(x, "fused", "ssd", (64, 128))

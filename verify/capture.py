@@ -1,4 +1,9 @@
-"""Forward hooks that record how modules were called (no forked model files)."""
+"""Forward hooks that record how modules were called (no forked model files).
+
+:func:`record_attention_qk` records what the teacher's attention computed from -- ``q`` and ``k``
+after every projection, norm and rotary embedding, its scale and mask -- through transformers'
+public ``AttentionInterface`` (a registered attention function that records, then runs SDPA).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+RECORDING_IMPLEMENTATION = "surgery_record"
+# keyword arguments of an attention call that leave it a plain causal softmax (sliding_window: when >= L)
+PLAIN_KWARGS = frozenset({"dropout", "scaling", "position_ids", "use_cache", "sliding_window", "cache_position",
+                          "output_attentions", "is_causal"})
 
 
 @dataclass
@@ -105,3 +115,71 @@ def run_teacher(
         result.logits = out.logits
     return result
 
+
+
+@dataclass
+class AttentionQK:
+    """One recorded attention computation: ``softmax(scale q k^T + mask)`` with q (b, h, L, d), k (b, hk, L, d).
+
+    ``plain``: it was a causal softmax with nothing else (no mask tensor, no window shorter than
+    ``L``, no soft-capping, sinks or dropout); ``why`` says what made it not plain.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    plain: bool
+    why: str | None = None
+
+
+_RECORDING: dict[int, tuple[str, dict[str, AttentionQK]]] = {}  # id(attention module) -> (path, sink)
+
+
+def _recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    target = _RECORDING.get(id(module))
+    if target is not None:
+        path, sink = target
+        L = query.shape[2]
+        window = kwargs.get("sliding_window")
+        extra = sorted(k for k, v in kwargs.items() if k not in PLAIN_KWARGS and v is not None)
+        why = None
+        if window is not None and window < L:
+            why = f"a sliding window of {window} < {L} tokens"
+        elif attention_mask is not None:
+            why = "an attention mask tensor (padding, or a mask of the family's own)"
+        elif extra:
+            why = f"attention arguments {extra}"
+        elif kwargs.get("dropout", 0.0) or not getattr(module, "is_causal", True):
+            why = "dropout or a non-causal attention"
+        scale = kwargs.get("scaling")
+        sink[path] = AttentionQK(query.detach(), key.detach(), float(query.shape[-1] ** -0.5 if scale is None else scale),
+                                 why is None, why)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_recording() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(RECORDING_IMPLEMENTATION, _recording_attention)
+    AttentionMaskInterface.register(RECORDING_IMPLEMENTATION, sdpa_mask)
+
+
+@contextmanager
+def record_attention_qk(model: nn.Module, paths: list[str]) -> Iterator[dict[str, AttentionQK]]:
+    """Within the block, ``model`` runs SDPA attention and records ``q``/``k`` of the attention modules at ``paths``."""
+    _register_recording()
+    sink: dict[str, AttentionQK] = {}
+    before = model.config._attn_implementation
+    for path in paths:
+        _RECORDING[id(model.get_submodule(path))] = (path, sink)
+    model.set_attn_implementation(RECORDING_IMPLEMENTATION)
+    try:
+        yield sink
+    finally:
+        model.set_attn_implementation(before)
+        for path in paths:
+            _RECORDING.pop(id(model.get_submodule(path)), None)

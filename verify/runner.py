@@ -96,18 +96,21 @@ class StageRunner:
             f"'surgery apply RECIPE stages.stage{self.stage}.lr={lower:g} --resume'"
         )
 
-    def _micro_steps(self, step: int) -> dict[str, float]:
-        """One optimizer step's worth of forward/backward; averaged metrics."""
-        sums: dict[str, float] = {}
+    def _micro_steps(self, step: int) -> dict[str, torch.Tensor]:
+        """Optimizer step ``step``'s worth of forward/backward; averaged metrics, still on the device.
+
+        Objectives return their metrics as tensors (or floats): nothing here waits for the device,
+        so micro-steps queue back to back; :meth:`run` reads the values once per optimizer step.
+        """
+        sums: dict[str, torch.Tensor] = {}
         scale = 1.0 / self.plan.accumulation
         for _ in range(self.plan.accumulation):
-            batch = self.batches.next().to(self.device)
+            batch = self.batches.next().to(self.device, non_blocking=True)
             with autocast(self.precision, self.device):
                 metrics = self.objective.train_step(batch, scale)
-            if not math.isfinite(metrics["loss"]):
-                raise self._fail(step, "the loss", metrics["loss"])
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * scale
+                value = torch.as_tensor(value, device=self.device).detach().float() * scale
+                sums[key] = sums[key] + value if key in sums else value
         return sums
 
     def run(self, start_step: int = 0) -> dict[str, Any]:
@@ -123,16 +126,23 @@ class StageRunner:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
-                metrics = self._micro_steps(step)
+                sums = self._micro_steps(step)
                 clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+                grad_norm_t = torch.nn.utils.clip_grad_norm_(self.params, clip)
+                # the one host read of the step: loss and gradient norm together
+                values = torch.stack([sums["loss"], grad_norm_t.to(sums["loss"].device).float()]).tolist()
+                if not math.isfinite(values[0]):
+                    raise self._fail(step, "the loss", values[0])
+                grad_norm = values[1]
                 if not math.isfinite(grad_norm):
                     raise self._fail(step, "the gradient norm", grad_norm)
                 self.optimizer.step()
                 tokens_done += self.plan.tokens_per_step
                 rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
                 done = step + 1
+                metrics = {"loss": values[0]}
                 if done % self.cfg.log_every == 0 or done == self.plan.steps:
+                    metrics = {key: float(value) for key, value in sums.items()}
                     self.log.write({"stage": self.stage, "step": done, "tokens": done * self.plan.tokens_per_step,
                                     "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate, **metrics})
                 if done % self.cfg.checkpoint_every == 0 and done < self.plan.steps:

@@ -48,14 +48,14 @@ class HiddenStateAlignment(Objective):
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return mixer_parameters(self.student, self.nodes)
 
-    def train_step(self, input_ids: torch.Tensor, scale: float) -> dict[str, float]:
+    def train_step(self, input_ids: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
         if self.target == "block":
             recorded = run_teacher(self.teacher, input_ids, block_paths=self.paths).blocks
         else:
             recorded = run_teacher(self.teacher, input_ids, attention_paths=self.paths).attention
-        total = 0.0
+        total = torch.zeros((), device=input_ids.device)
         for path in self.paths:
             loss = unit_distance(self.student, path, recorded[path])
             (loss * scale / len(self.paths)).backward()
-            total += loss.item()
+            total += loss.detach()
         return {"loss": total / len(self.paths)}

@@ -13,7 +13,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.ops.distill_loss import fused_distill_loss
+
 from .objective import Node, Objective, mixer_parameters
+
+# Config fields of families whose logits are more than ``lm_head(hidden)`` (soft-capping, scaling).
+POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(base model, LM head)`` when the family's logits are ``head(base(ids).last_hidden_state)``, else None."""
+    config = model.config.get_text_config(decoder=True)
+    if any(getattr(config, f, None) not in (None, 1, 1.0) for f in POST_HEAD_FIELDS):
+        return None
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or base is None or base is model:
+        return None
+    return base, head
+
+
+@torch.no_grad()
+def heads_are_plain(models: list[nn.Module], input_ids: torch.Tensor) -> bool:
+    """Whether :func:`head_parts` reproduces each model's logits on a short probe (within 1e-4 relative)."""
+    probe = input_ids[:1, :16]
+    for model in models:
+        parts = head_parts(model)
+        if parts is None:
+            return False
+        full = model(input_ids=probe, use_cache=False).logits.float()
+        split = parts[1](parts[0](input_ids=probe, use_cache=False).last_hidden_state).float()
+        if split.shape != full.shape or (split - full).abs().max() > 1e-4 * full.abs().max().clamp_min(1e-6):
+            return False
+    return True
 
 
 def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -47,6 +78,7 @@ class Distillation(Objective):
     ) -> None:
         super().__init__(teacher, student, nodes)
         self.temperature, self.kl_weight, self.ce_weight, self.train = temperature, kl_weight, ce_weight, train
+        self.fused: bool | None = None  # decided on the first batch (heads_are_plain)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         if self.train == "mixers":
@@ -64,17 +96,38 @@ class Distillation(Objective):
                 out.append((name, p))
         return out
 
-    def train_step(self, input_ids: torch.Tensor, scale: float) -> dict[str, float]:
+    def train_step(self, input_ids: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+        if self.fused is None:
+            self.fused = heads_are_plain([self.teacher, self.student], input_ids)
+        loss, metrics = self._fused_loss(input_ids) if self.fused else self._full_loss(input_ids)
+        (loss * scale).backward()
+        metrics["loss"] = loss.detach()
+        return metrics
+
+    def _fused_loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        (t_base, t_head), (s_base, s_head) = head_parts(self.teacher), head_parts(self.student)  # type: ignore[misc]
+        with torch.no_grad():
+            h_t = t_base(input_ids=input_ids, use_cache=False).last_hidden_state  # (b, L, d)
+        h_s = s_base(input_ids=input_ids, use_cache=False).last_hidden_state  # (b, L, d)
+        targets = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -1)], dim=1)  # (b, L)
+        loss, kl, ce = fused_distill_loss(
+            h_s.flatten(0, 1), s_head.weight, s_head.bias, h_t.flatten(0, 1), t_head.weight, t_head.bias,
+            targets.flatten(), temperature=self.temperature, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+        )
+        metrics = {"kl": kl.detach()}
+        if self.ce_weight:
+            metrics["ce"] = ce.detach()
+        return loss, metrics
+
+    def _full_loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
         student_logits = self.student(input_ids=input_ids, use_cache=False).logits
         kl = kl_per_token(teacher_logits, student_logits, self.temperature).mean()
         loss = self.kl_weight * self.temperature**2 * kl
-        metrics = {"kl": kl.item()}
+        metrics = {"kl": kl.detach()}
         if self.ce_weight:
             ce = next_token_nll(student_logits, input_ids).mean()
             loss = loss + self.ce_weight * ce
-            metrics["ce"] = ce.item()
-        (loss * scale).backward()
-        metrics["loss"] = loss.item()
-        return metrics
+            metrics["ce"] = ce.detach()
+        return loss, metrics

@@ -67,6 +67,7 @@ class Corpus:
         heldout_tokens: int | None = None,
         progress: bool = False,
         storage: Storage = "auto",
+        sampler: Any = None,
     ) -> Corpus:
         """Tokenize ``cfg.sources`` up to ``max_tokens`` training and ``heldout_tokens`` held-out tokens.
 
@@ -77,12 +78,13 @@ class Corpus:
         ``storage``: ``"memory"``, ``"disk"`` (a token file under ``cache_dir()/data``, reused
         by the next build with the same sources, tokenizer, seed and budgets), or ``"auto"``:
         disk for streamed sources and for budgets above :data:`DISK_THRESHOLD` tokens.
+        ``sampler``: a :class:`~surgery.data.teacher_samples.TeacherSampler`, for ``builtin:teacher-samples``.
         """
         if heldout_tokens is None and max_tokens is not None:
             share = cfg.heldout_fraction / (1 - cfg.heldout_fraction)
             heldout_tokens = max(math.ceil(max_tokens * share), cfg.seq_len)
         targets = {"train": max_tokens, "heldout": heldout_tokens}
-        sources = [open_source(s) for s in cfg.sources]
+        sources = [open_source(s, sampler) for s in cfg.sources]
         if _on_disk(storage, sources, targets):
             return cls._build_on_disk(cfg, sources, tokenizer, seed, targets, progress)
         sink = MemorySink()
@@ -126,7 +128,7 @@ class Corpus:
         )
 
     @classmethod
-    def for_recipe(cls, recipe: Any, tokenizer: Any, *, progress: bool = False) -> Corpus:
+    def for_recipe(cls, recipe: Any, tokenizer: Any, *, progress: bool = False, sampler: Any = None) -> Corpus:
         """The corpus a recipe needs: every enabled stage's budget plus the evaluation tokens."""
         return cls.build(
             recipe.data,
@@ -135,6 +137,7 @@ class Corpus:
             max_tokens=recipe.data.max_tokens or max(train_tokens_needed(recipe), recipe.data.seq_len),
             heldout_tokens=heldout_tokens_needed(recipe),
             progress=progress,
+            sampler=sampler,
         )
 
     def summary(self) -> dict[str, Any]:

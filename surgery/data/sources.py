@@ -23,7 +23,8 @@ from typing import Any
 from ..errors import DataError
 from ..recipe import DataSource
 
-BUILTIN_SOURCES = ("builtin:python-stdlib", "builtin:python-docs")
+BUILTIN_SOURCES = ("builtin:python-stdlib", "builtin:python-docs", "builtin:wikipedia", "builtin:news",
+                   "builtin:teacher-samples")
 SHUFFLE_BUFFER = 10_000  # documents in a streamed dataset's shuffle buffer (part of the order, so of the cache key)
 # stdlib directories that are not ordinary library code (tests, tools, data tables, the docs corpus)
 _STDLIB_SKIP_DIRS = frozenset(
@@ -211,12 +212,20 @@ def _glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def open_source(spec: DataSource) -> TextSource:
-    """The :class:`TextSource` for one recipe data source."""
+def open_source(spec: DataSource, sampler: Any = None) -> TextSource:
+    """The :class:`TextSource` for one recipe data source (``sampler``: the teacher, for ``builtin:teacher-samples``)."""
     if spec.source == "builtin:python-stdlib":
         return StdlibSource(spec)
     if spec.source == "builtin:python-docs":
         return DocsSource(spec)
+    if spec.source in ("builtin:wikipedia", "builtin:news"):
+        from .packaged import open_packaged
+
+        return open_packaged(spec)
+    if spec.source == "builtin:teacher-samples":
+        from .teacher_samples import TeacherSamplesSource
+
+        return TeacherSamplesSource(spec, sampler)
     if spec.source.startswith("builtin:"):
         raise DataError(f"unknown builtin data source {spec.source!r}; builtins: {', '.join(BUILTIN_SOURCES)}")
     if spec.source.startswith("hf:"):

@@ -37,6 +37,7 @@ from torch import nn
 from ..cache import SSMCacheLayer, check_continuation_has_state, surgery_cache
 from ..hf_conventions import attention_call_cache
 from ..mixer_options import MixerInit, MixerParams  # torch-free: recipes validate without torch
+from ..ops.stage1 import MatrixFactors
 from ._common import token_validity
 
 
@@ -195,8 +196,15 @@ class Mixer(nn.Module):
 
         It acts on the post-conv ``x`` of :meth:`ssm_output`: ``einsum("bhls,bshp->blhp", M, x)``
         is the SSM part of the forward. Columns of padding tokens (``mask`` False) are zero.
-        Returned in float32 (float64 for float64 inputs).
+        Returned in float32 (float64 for float64 inputs). Built from :meth:`matrix_factors`.
         """
+        M = self.matrix_factors(u, mask).materialize()  # (b, h, L, L)
+        if mask is not None:
+            M = M * mask[:, None, None, :].to(M.dtype)
+        return M
+
+    def matrix_factors(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> MatrixFactors:
+        """What builds the mixing matrix of ``u (b, L, d_model)`` (stage 1 fuses it with the teacher's ``q``/``k``)."""
         raise NotImplementedError
 
     def ssm_output(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,7 @@ from ._common import (
     transfer_qkvo,
 )
 from ..mixer_options.discrete_mamba2 import DiscreteMamba2Init, DiscreteMamba2Params
+from ..ops.stage1 import MatrixFactors
 from .base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParams
 
 
@@ -152,12 +153,9 @@ class DiscreteMamba2(Mixer):
         z = self.z_proj(u)
         return self.out_proj(y * F.silu(z + self.z_bias))
 
-    def materialize(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        log_a, B, C, _ = self._matrix_inputs(u, mask)
-        M = ops.ssd_matrix(log_a, B, C, D=self.D)  # (b, h, L, L)
-        if mask is not None:
-            M = M * mask[:, None, None, :].to(M.dtype)
-        return M
+    def matrix_factors(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> MatrixFactors:
+        log_a, B, C, _ = self._matrix_inputs(u, mask)  # (b, L, h), (b, L, n_b, n), (b, L, n_qk, n)
+        return MatrixFactors(log_a, B, C, D=self.D)
 
     # ------------------------------------------------------------------ stage 1 and transfer
 

@@ -36,6 +36,7 @@ from ._common import (
     transfer_qkvo,
 )
 from ..mixer_options.mamba2 import Mamba2Init, Mamba2Params
+from ..ops.stage1 import MatrixFactors
 from .base import AttentionShape, AttentionWeights, Mixer, MixerInit, MixerParams
 
 
@@ -158,13 +159,10 @@ class Mamba2(Mixer):
         y = self._gated_norm(y.reshape(b, L, self.d_inner), self.z_proj(u))
         return self.out_proj(y)
 
-    def materialize(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        dt, A, B, C, _ = self._matrix_inputs(u, mask)
+    def matrix_factors(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> MatrixFactors:
+        dt, A, B, C, _ = self._matrix_inputs(u, mask)  # dt (b, L, h), A (h,)
         log_a = dt.to(ops.compute_dtype(dt.dtype)) * A.to(ops.compute_dtype(dt.dtype))  # (b, L, h)
-        M = ops.ssd_matrix(log_a, B, C, D=self.D, input_scale=dt)  # (b, h, L, L)
-        if mask is not None:
-            M = M * mask[:, None, None, :].to(M.dtype)
-        return M
+        return MatrixFactors(log_a, B, C, D=self.D, w=dt)
 
     # ------------------------------------------------------------------ stage 1 and transfer
 

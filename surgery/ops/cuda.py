@@ -86,8 +86,10 @@ def ssd_dt_triton(
     chunk_size: int,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-2 form on the kernel: x (b, L, h, p), dt (b, L, h) >= 0, A (h,) < 0, B (b, L, gB, n), C (b, L, gC, n).
+    """Mamba-2 form on the kernel: x (b, L, h, p), dt (b, L, h) >= 0, A (h,) < 0, B (b, L, gB, n), C (b, L, gC, n),
+    seq_idx (b, L) document ids.
 
     Returns y (b, L, h, p) in x's dtype and the final state (b, h, p, n) in float32. ``B`` and
     ``C`` are expanded to one group count (the kernel takes a single ``g``).
@@ -107,6 +109,7 @@ def ssd_dt_triton(
         kernel_chunk_size(chunk_size),
         D=None if D is None else D.float(),
         initial_states=initial_state,
+        seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
         return_final_states=True,
     )
     return y, final
@@ -120,6 +123,7 @@ def ssd_triton(
     chunk_size: int,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decay form on the kernel (discrete Mamba-2: input-dependent decay, no input scaling).
 
@@ -140,7 +144,7 @@ def ssd_triton(
     safe = torch.where(dt > 0, dt, torch.ones_like(dt))
     x_in = (x.float() / safe[..., None]).to(x.dtype)  # (b, L, h, p)
     A = -torch.ones(x.shape[2], device=x.device, dtype=torch.float32)
-    y, final = ssd_dt_triton(x_in, dt, A, B, C, chunk_size, D=None, initial_state=initial_state)
+    y, final = ssd_dt_triton(x_in, dt, A, B, C, chunk_size, D=None, initial_state=initial_state, seq_idx=seq_idx)
     if D is not None:  # D multiplies the unscaled x (the kernel's D would multiply x / dt)
         y = y + skip_term(D, x)
     return y, final

@@ -90,16 +90,21 @@ def ssd_naive(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence, one token at a time (the ground truth; slow).
 
     x (b, L, h, p), log_a (b, L, h), B (b, L, gB, n), C (b, L, gC, n), D (h,) or (h, p),
-    initial_state (b, h, p, n) -> y (b, L, h, p) in x's dtype, final state (b, h, p, n).
+    initial_state (b, h, p, n), seq_idx (b, L) document ids (the state is reset to 0 where the id
+    changes) -> y (b, L, h, p) in x's dtype, final state (b, h, p, n).
     """
     _check(x, log_a, B, C)
     state = initial_state
     ys = []
     for t in range(x.shape[1]):
+        if seq_idx is not None and t > 0 and state is not None:
+            new_doc = (seq_idx[:, t] != seq_idx[:, t - 1]).to(state.dtype)  # (b,)
+            state = state * (1 - new_doc)[:, None, None, None]
         y_t, state = ssd_step(x[:, t], log_a[:, t], B[:, t], C[:, t], D=D, state=state)
         ys.append(y_t)
     if state is None:  # L == 0
@@ -151,6 +156,7 @@ def ssd_chunked(
     chunk_size: int,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD (the paper's Listing 1 generalised to head groups, any length, initial state).
 
@@ -159,8 +165,9 @@ def ssd_chunked(
     multiple of ``Q`` (the tail is padded with no-op tokens: decay 1, zero input).
 
     x (b, L, h, p), log_a (b, L, h), B (b, L, gB, n), C (b, L, gC, n), D (h,) or (h, p),
-    initial_state (b, h, p, n) -> y (b, L, h, p) in x's dtype, final state (b, h, p, n) in the
-    compute dtype.
+    initial_state (b, h, p, n), seq_idx (b, L) non-decreasing document ids of packed sequences
+    (no term crosses a change of id; ``initial_state`` belongs to the first document)
+    -> y (b, L, h, p) in x's dtype, final state (b, h, p, n) in the compute dtype.
     """
     _check(x, log_a, B, C)
     if chunk_size <= 0:
@@ -184,15 +191,20 @@ def ssd_chunked(
     Cc = Cf.reshape(b, c, Q, g, n)  # (b, c, l, g, n)
     A = af.reshape(b, c, Q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
     A_cs = torch.cumsum(A, dim=-1)  # (b, g, r, c, l)
+    docs = _document_masks(seq_idx, b, c, Q, pad) if seq_idx is not None else None
 
     # 1. intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) decay(l, s) x_s
     decay = torch.exp(segsum(A))  # (b, g, r, c, l, s)
+    if docs is not None:
+        decay = decay * docs.same[:, None, None].to(dtype)
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # (b, c, g, l, s)
     W = CB[:, :, :, None] * decay.permute(0, 3, 1, 2, 4, 5)  # (b, c, g, r, l, s)
     y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", W, X)  # (b, c, l, g, r, p)
 
     # 2. state contributed by each chunk, at its end
     decay_to_end = torch.exp(A_cs[..., -1:] - A_cs)  # (b, g, r, c, l)
+    if docs is not None:
+        decay_to_end = decay_to_end * docs.to_end[:, None, None].to(dtype)
     Xd = X * decay_to_end.permute(0, 3, 4, 1, 2)[..., None]  # (b, c, l, g, r, p)
     states = torch.einsum("bclgn,bclgrp->bcgrpn", Bc, Xd)  # (b, c, g, r, p, n)
 
@@ -204,18 +216,49 @@ def ssd_chunked(
             raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}, expected {(b, h, p, n)}")
         init = initial_state.to(dtype).reshape(b, 1, g, r, p, n)
     states = torch.cat([init, states], dim=1)  # (b, c+1, g, r, p, n)
-    chunk_decay = torch.exp(segsum(F.pad(A_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
+    chunk_log_decay = A_cs[..., -1]  # (b, g, r, c): decay of the entering state across each chunk
+    if docs is not None:  # a document starting inside a chunk cuts the state entering it
+        chunk_log_decay = chunk_log_decay.masked_fill(~docs.keeps[:, None, None], float("-inf"))
+    chunk_decay = torch.exp(segsum(F.pad(chunk_log_decay, (1, 0))))  # (b, g, r, c+1, c+1)
     states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)  # (b, c+1, g, r, p, n)
     states, final = states[:, :-1], states[:, -1]  # (b, c, g, r, p, n), (b, g, r, p, n)
 
     # 4. contribution of the state entering each chunk: y_l += decay(l, start) C_l . H_start
     y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, states)  # (b, c, l, g, r, p)
     y_off = y_off * torch.exp(A_cs).permute(0, 3, 4, 1, 2)[..., None]
+    if docs is not None:
+        y_off = y_off * docs.sees_entering[..., None, None, None].to(dtype)
 
     y = (y_diag + y_off).reshape(b, c * Q, h, p)[:, :L]  # (b, L, h, p)
     if D is not None:
         y = y + skip_term(D, xf[:, :L])
     return y.to(x.dtype), final.reshape(b, h, p, n)
+
+
+class _DocumentMasks:
+    """Which terms of the chunked SSD stay inside one packed document (all ``bool``).
+
+    ``same (b, c, l, s)``: tokens l and s of a chunk share a document; ``to_end (b, c, l)``: token
+    l is in the document of its chunk's last token; ``keeps (b, c)``: the state entering chunk c
+    survives it; ``sees_entering (b, c, l)``: token l is in the entering state's document.
+    """
+
+    def __init__(self, same: torch.Tensor, to_end: torch.Tensor, keeps: torch.Tensor, sees: torch.Tensor) -> None:
+        self.same, self.to_end, self.keeps, self.sees_entering = same, to_end, keeps, sees
+
+
+def _document_masks(seq_idx: torch.Tensor, b: int, c: int, Q: int, pad: int) -> _DocumentMasks:
+    if seq_idx.shape[0] != b or seq_idx.ndim != 2:
+        raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected (b={b}, L)")
+    S = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).reshape(b, c, Q)  # padding: last document
+    end = S[..., -1]  # (b, c)
+    entering = torch.cat([S[:, :1, 0], end[:, :-1]], dim=1)  # (b, c): the document of the state entering chunk c
+    return _DocumentMasks(
+        same=S[..., :, None] == S[..., None, :],
+        to_end=S == end[..., None],
+        keeps=end == entering,
+        sees=S == entering[..., None],
+    )
 
 
 def ssd_matrix(
