@@ -84,7 +84,7 @@ DESCRIPTIONS: dict[str, str] = {
 
 
 SCHEMA_ONLY = frozenset({"validate", "schema"})  # commands that never load a model
-LIBRARIES_LATER = SCHEMA_ONLY | {"apply"}  # apply checks its recipe and output before importing transformers
+LIBRARIES_LATER = SCHEMA_ONLY | {"plan", "diff", "apply"}  # these check their recipe before importing transformers
 _KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[\w-]+)+$")  # stages.stage1.lr
 
 
@@ -154,11 +154,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
+    opts = options_from_args(PlanOptions, args)
+    from .log import quiet_libraries
     from .rewriter import plan
     from .teacher import load_teacher_skeleton
 
-    recipe = _load_recipe(args)
-    opts = options_from_args(PlanOptions, args)
+    quiet_libraries(args.verbose)
     model, _ = load_teacher_skeleton(recipe.teacher)
     result = plan(model, recipe.replace)
     _write(json.dumps(result.to_dict(), indent=2) if opts.format == "json" else result.to_text(), None)
@@ -166,12 +168,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
+    opts = options_from_args(DiffOptions, args)
     from .graph_diff import diff
+    from .log import quiet_libraries
     from .rewriter import rewrite
     from .teacher import load_teacher_skeleton
 
-    recipe = _load_recipe(args)
-    opts = options_from_args(DiffOptions, args)
+    quiet_libraries(args.verbose)
     model, _ = load_teacher_skeleton(recipe.teacher)
     student, result = rewrite(model, recipe.replace)
     d = diff(model, student, result)
