@@ -78,7 +78,10 @@ def _take_flock(work: Path) -> int:
     """An open descriptor of ``work/lock`` holding the flock; raises when another process holds it."""
     path = work / LOCK
     for _ in range(5):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise SurgeryError(f"cannot open the lock file {path} ({err.strerror}); remove it and run again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,6 +106,8 @@ def _write_record(fd: int, record: dict[str, Any]) -> None:
 @contextmanager
 def hold_work_dir(work: Path) -> Iterator[None]:
     """Hold the lock on ``work`` (created if needed) for the body; refuse when another run holds it."""
+    if os.path.lexists(work) and not work.is_dir():
+        raise SurgeryError(f"{work} exists and is not a directory; remove it or choose another --out")
     created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     fd, held = None, False

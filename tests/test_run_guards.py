@@ -80,6 +80,16 @@ def test_a_run_that_fails_in_setup_leaves_no_work_directory(tmp_path: Path, stal
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_a_work_path_that_is_no_directory_is_named(tmp_path: Path) -> None:
+    (tmp_path / "out.partial").write_text("not a directory")
+    with pytest.raises(SurgeryError, match="out.partial exists and is not a directory"):
+        apply(tiny(tmp_path))
+    (tmp_path / "out.partial").unlink()
+    (tmp_path / "out.partial" / LOCK).mkdir(parents=True)
+    with pytest.raises(SurgeryError, match="cannot open the lock file"):
+        apply(tiny(tmp_path))
+
+
 def test_leftovers_without_a_checkpoint_are_no_interrupted_run(tmp_path: Path) -> None:
     recipe = tiny(tmp_path)
     work = tmp_path / "out.partial"
