@@ -40,6 +40,7 @@ from collections.abc import Sequence
 
 from .batches import BatchStream, heldout_batches
 from .budget import (
+    check_repeats,
     data_config_from_cli,
     heldout_tokens_needed,
     tokens_needed,
@@ -68,6 +69,7 @@ __all__: Sequence[str] = [
     "HFSource",
     "StdlibSource",
     "TextSource",
+    "check_repeats",
     "data_config_from_cli",
     "encode_texts",
     "heldout_batches",
