@@ -9,7 +9,10 @@ Each rule registers a builder with Pydantic models for its ``params`` and
         ...  # returns the new module and a transfer record {target: source}
 
 The recipe validates ``params``/``init`` against these models before anything
-runs (:func:`validate_rule_options`).
+runs (:func:`validate_rule_options`). So that this needs no torch, the built-in rules'
+models are also declared in :mod:`rewrites.rule_options` (torch-free,
+:func:`declare_rule_options`); :func:`rule_options` looks there before it loads the
+rules themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ class RuleSpec:
 
 
 RULES: dict[str, RuleSpec] = {}
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """What a recipe needs to check a rule: its option models, and whether it replaces the node."""
+
+    params_model: type[BaseModel]
+    init_model: type[BaseModel]
+    replaces: bool
+
+
+DECLARED: dict[str, RuleOptions] = {}  # torch-free declarations (rewrites.rule_options)
+
+
+def declare_rule_options(
+    name: str, *, params: type[BaseModel], init: type[BaseModel], replaces: bool = True
+) -> None:
+    """Declare rule ``name``'s option models without importing its builder (nor torch)."""
+    DECLARED[name] = RuleOptions(params, init, replaces)
 
 
 def register_rule(
@@ -82,6 +104,21 @@ def get_rule(name: str) -> RuleSpec:
     return RULES[name]
 
 
+def rule_options(name: str) -> RuleOptions:
+    """The option models of rule ``name``: registered rules first, then torch-free declarations, then the
+    built-in rules are loaded; ``KeyError`` naming the known rules otherwise."""
+    if name in RULES:
+        spec = RULES[name]
+        return RuleOptions(spec.params_model, spec.init_model, spec.replaces)
+    import importlib
+
+    importlib.import_module("rewrites.rule_options")
+    if name in DECLARED:
+        return DECLARED[name]
+    spec = get_rule(name)
+    return RuleOptions(spec.params_model, spec.init_model, spec.replaces)
+
+
 def _first_error(err: ValidationError, field: str) -> str:
     parts = []
     for e in err.errors(include_url=False):
@@ -89,7 +126,7 @@ def _first_error(err: ValidationError, field: str) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"{field}.{loc}: unknown option")
         else:
-            parts.append(f"{field}.{loc}: {e['msg']}")
+            parts.append(f"{field}.{loc}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
@@ -99,7 +136,7 @@ def validate_rule_options(name: str, params: dict[str, Any], init: dict[str, Any
     Raises ``ValueError`` (which Pydantic reports under the rule's path) naming the bad option.
     """
     try:
-        spec = get_rule(name)
+        spec = rule_options(name)
     except KeyError as err:
         raise ValueError(f"mixer: {err.args[0]}") from None
     try:

@@ -25,13 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from surgery.mixers import MIXERS, Mixer, MixerInit, MixerParams
 
 from .adapters import AttentionView
 from .registry import RULES, register_rule
+from .rule_options import KeepInit, KeepParams
 
 _OFF = {"", "none", "no", "off", "false", "random", "default"}
 
@@ -130,18 +130,6 @@ def mixer_of(rule_name: str) -> type[Mixer] | None:
     """The mixer class a rule builds, or None (``keep``)."""
     build = RULES[rule_name].build if rule_name in RULES else None
     return getattr(build, "mixer_cls", None)
-
-
-class KeepParams(BaseModel):
-    """``keep`` takes no parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class KeepInit(BaseModel):
-    """``keep`` takes no init options."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 @register_rule(

@@ -2,13 +2,16 @@
 
 Every user-fixable problem is printed as one ``error:`` message without a
 traceback and exits with code 2 before anything is written; ``-v`` shows
-tracebacks. Overrides are ``key.path=value`` words after the recipe.
+tracebacks. Overrides are ``key.path=value`` words after the recipe. ``-q`` and
+``-v`` go before or after the command. The schema-only commands (:data:`SCHEMA_ONLY`)
+import neither torch nor transformers, so they answer in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -82,6 +85,11 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+SCHEMA_ONLY = frozenset({"validate", "schema"})  # commands that never load a model
+LIBRARIES_LATER = SCHEMA_ONLY | {"plan", "diff", "apply"}  # these check their recipe before importing transformers
+_KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[\w-]+)+$")  # stages.stage1.lr
+
+
 def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate recipe paths from ``key.path=value`` overrides."""
     paths = [w for w in words if "=" not in w]
@@ -89,12 +97,23 @@ def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
+def _missing_equals(word: str) -> SurgeryError | None:
+    """An error for a word that is no file but reads like an override without its ``=value``."""
+    from pathlib import Path
+
+    if Path(word).exists() or not _KEY_PATH.match(word) or word.endswith((".yaml", ".yml")):
+        return None
+    return SurgeryError(f"{word!r} is neither a recipe file nor an override: an override needs '=', "
+                        f"e.g. {word}=VALUE")
+
+
 def _load_recipe(args: argparse.Namespace) -> Any:
     from .recipe import Recipe
 
     paths, overrides = _split_overrides(args.overrides)
     if paths:
-        raise SurgeryError(f"expected key.path=value overrides after the recipe, got {paths[0]!r}")
+        raise _missing_equals(paths[0]) or SurgeryError(
+            f"expected key.path=value overrides after the recipe, got {paths[0]!r}")
     return Recipe.load(args.recipe, overrides)
 
 
@@ -117,6 +136,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     paths, overrides = _split_overrides(args.recipe)
     if not paths:
         raise SurgeryError("no recipe given; e.g. surgery validate recipes/*.yaml")
+    for word in paths:
+        error = _missing_equals(word)
+        if error:
+            raise error
     for path in paths:
         recipe = Recipe.load(path, overrides)
         stages = [str(i) for i in (1, 2, 3) if recipe.stage(i).enabled] or ["none"]
@@ -133,11 +156,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
+    opts = options_from_args(PlanOptions, args)
+    from .log import quiet_libraries
     from .rewriter import plan
     from .teacher import load_teacher_skeleton
 
-    recipe = _load_recipe(args)
-    opts = options_from_args(PlanOptions, args)
+    quiet_libraries(args.verbose)
     model, _ = load_teacher_skeleton(recipe.teacher)
     result = plan(model, recipe.replace)
     _write(json.dumps(result.to_dict(), indent=2) if opts.format == "json" else result.to_text(), None)
@@ -145,12 +170,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
+    opts = options_from_args(DiffOptions, args)
     from .graph_diff import diff
+    from .log import quiet_libraries
     from .rewriter import rewrite
     from .teacher import load_teacher_skeleton
 
-    recipe = _load_recipe(args)
-    opts = options_from_args(DiffOptions, args)
+    quiet_libraries(args.verbose)
     model, _ = load_teacher_skeleton(recipe.teacher)
     student, result = rewrite(model, recipe.replace)
     d = diff(model, student, result)
@@ -160,16 +187,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .log import launch_rank
-    from .pipeline import apply
+    from .output_dir import check_output_dir
 
     recipe = _load_recipe(args)
     opts = options_from_args(ApplyOptions, args)
+    check_output_dir(opts.out if opts.out is not None else recipe.output.dir)  # before torch is imported
     if args.nproc is not None:  # distributed: start torchrun on this machine
         from .launch import launch
 
         return launch(args.argv, args.nproc, recipe, opts)
-    out = apply(recipe, opts)
+    from .log import quiet_libraries
+    from .pipeline import apply
+
+    quiet_libraries(args.verbose)
+    try:
+        out = apply(recipe, opts)
+    except KeyboardInterrupt:
+        work = Path(opts.out if opts.out is not None else recipe.output.dir)
+        work = work.with_name(work.name + ".partial")
+        resumable = (work / "checkpoint" / "state.json").is_file()
+        print("\ninterrupted; " + ("the same command with --resume continues from the last checkpoint"
+                                   if resumable else "nothing was checkpointed yet: run the same command again"),
+              file=sys.stderr)
+        return 130
     if launch_rank() == 0:
         print(f"student written to {out}")
     return 0
@@ -225,7 +268,13 @@ def _subparser(sub: Any, name: str, handler: Callable[[argparse.Namespace], int]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(handler=handler)
+    _add_verbosity(parser, default=argparse.SUPPRESS)  # also after the command: surgery apply R -q
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="No progress bars or info messages.")
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="More output; tracebacks on errors.")
 
 
 OVERRIDES_HELP = "override a recipe field, e.g. stages.stage1.lr=1e-3 (values are YAML: 3, true, [0, 2], null)"
@@ -251,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info messages.")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help="No progress bars or info messages.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="More output; tracebacks on errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -303,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .log import configure, rank_prefix
 
-    configure(quiet=args.quiet, verbose=args.verbose)
+    configure(quiet=args.quiet, verbose=args.verbose, libraries=args.command not in LIBRARIES_LATER)
     try:
         return args.handler(args)
     except SurgeryError as err:
@@ -316,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {rank_prefix()}{err.strerror}: {err.filename}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; 'surgery apply ... --resume' continues an interrupted run", file=sys.stderr)
+    except KeyboardInterrupt:  # surgery apply says whether --resume can continue (cmd_apply)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

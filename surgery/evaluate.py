@@ -155,9 +155,21 @@ def heldout_for_eval(tokenizer: Any, opts: Any) -> tuple[list[torch.Tensor], Any
     the model, so a teacher and its students are scored on the same text.
     """
     from .data import Corpus, data_config_from_cli, heldout_batches
+    from .errors import DataError
 
     cfg = data_config_from_cli(opts.data, opts.seq_len)
-    corpus = Corpus.build(cfg, tokenizer, seed=EVAL_SEED, max_tokens=opts.seq_len, heldout_tokens=opts.tokens)
+    try:
+        corpus = Corpus.build(cfg, tokenizer, seed=EVAL_SEED, max_tokens=opts.seq_len, heldout_tokens=opts.tokens)
+    except DataError as err:  # its advice names recipe fields; here the flags are the fix
+        reason = str(err).split(";")[0]
+        raise DataError(f"--data {opts.data} is too small to evaluate with --seq-len {opts.seq_len} ({reason}); "
+                        "pass a smaller --seq-len, or --data with more documents") from None
+    held = corpus.heldout.numel()
+    if held < opts.seq_len:
+        fix = f"pass --seq-len {held} or less (the quick fix)" if held >= 8 else "add documents"
+        raise DataError(f"only {held} held-out tokens in --data {opts.data} (documents held out with the fixed "
+                        f"fraction {cfg.heldout_fraction}), fewer than one sequence of --seq-len {opts.seq_len}: "
+                        f"{fix}, or give --data with more documents")
     return heldout_batches(corpus, opts.seq_len, opts.batch_size, opts.tokens), cfg
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +91,50 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, from its ``st_mode``: ``'a directory'``, ``'a character device'``, ..."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def tidy_atomic_leftovers(path: str | Path) -> list[Path]:
+    """Clean up after an :func:`atomic_dir` / :func:`atomic_path` killed half-way; returns what it removed.
+
+    Removes ``.NAME.*.tmp`` beside ``path`` (a write that never reached its rename). A
+    ``.NAME.old`` is the previous ``path`` moved aside for a replacement: it is renamed back when
+    ``path`` is missing (the kill fell between the two renames), else removed. Only call this
+    while no other process writes ``path`` (``surgery apply`` holds its run lock).
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for stray in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stray.is_dir() and not stray.is_symlink():
+            shutil.rmtree(stray, ignore_errors=True)
+        else:
+            stray.unlink(missing_ok=True)
+        removed.append(stray)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not os.path.lexists(path):
+        os.replace(old, path)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` reports a full disk or exhausted quota (OSError, or a library error quoting errno 28)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
 def sha256_file(path: str | Path) -> str:

@@ -28,8 +28,23 @@ def rank_prefix() -> str:
     return f"rank {launch_rank()} of {world}: " if world not in ("", "1") else ""
 
 
-def configure(quiet: bool = False, verbose: int = 0) -> None:
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when it writes (callers and tests may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure(quiet: bool = False, verbose: int = 0, libraries: bool = True) -> None:
     """Set verbosity: ``quiet`` hides progress bars and info; ``verbose`` adds debug output.
+
+    ``libraries=False`` leaves transformers' logging (and the import of transformers) to a later
+    :func:`quiet_libraries`: schema-only commands never load it.
 
     Under ``torchrun`` only rank 0 shows progress and info; other ranks' warnings name their rank.
     """
@@ -37,7 +52,7 @@ def configure(quiet: bool = False, verbose: int = 0) -> None:
     _quiet = quiet
     quiet = quiet or launch_rank() != 0
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     prefix = rank_prefix() if launch_rank() != 0 else ""
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     logger.handlers[:] = [handler]
@@ -47,13 +62,21 @@ def configure(quiet: bool = False, verbose: int = 0) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", module=r"(transformers|gguf|accelerate|torch)\b")
-        try:
-            from transformers.utils import logging as hf_logging
+    if libraries:
+        quiet_libraries(verbose)
 
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
+
+def quiet_libraries(verbose: int = 0) -> None:
+    """Silence transformers' own info messages and progress bars unless ``verbose`` (imports transformers)."""
+    if verbose:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def quiet() -> bool:

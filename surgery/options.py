@@ -12,13 +12,15 @@ import argparse
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import SurgeryError
 
 
 class Options(BaseModel):
-    """Base for command options."""
+    """Base for command options (NaN and infinity are not numbers here)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ApplyOptions(Options):
@@ -62,7 +64,7 @@ class GenerateOptions(Options):
     max_new_tokens: int = Field(default=64, gt=0, description="Tokens to generate.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
-    seed: int = Field(default=0, description="Sampling seed.")
+    seed: int = Field(default=0, ge=0, lt=1 << 63, description="Sampling seed.")
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
     cuda_graph: bool = Field(
         default=False,
@@ -104,5 +106,9 @@ def add_options(parser: argparse.ArgumentParser, model: type[Options], short: di
 
 
 def options_from_args(model: type[Options], args: argparse.Namespace) -> Options:
-    """Build ``model`` from the parsed flags."""
-    return model(**{name: getattr(args, name) for name in model.model_fields})
+    """Build ``model`` from the parsed flags; a bad value is a :class:`SurgeryError` naming the flag."""
+    try:
+        return model(**{name: getattr(args, name) for name in model.model_fields})
+    except ValidationError as err:
+        problems = [f"{_flag(str(e['loc'][0]))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors(include_url=False)]
+        raise SurgeryError("; ".join(problems)) from None

@@ -1,17 +1,21 @@
 """``surgery apply``: the whole job as one run (setup, measure, train the stages, save).
 
-Everything that can fail on bad input (recipe, teacher, selection, data) runs
-before anything is written. Work in progress lives beside the output in
-``<out>.partial/`` (checkpoint, metrics.jsonl); the student directory appears
-in one rename at the end. ``resume=True`` continues from the last checkpoint,
-mid-stage on the same data cursor, and reaches the same weights as an
-uninterrupted run (CPU, same seed).
+Everything that can fail on bad input (recipe, output path, teacher, selection,
+data, a budget that would repeat the data too often) runs before anything is
+written. Work in progress lives beside the output in ``<out>.partial/``
+(checkpoint, metrics.jsonl), which one run at a time holds locked
+(:mod:`surgery.run_lock`); the student directory appears in one rename at the end,
+and what a killed run left half-written is tidied by the next. ``resume=True``
+continues from the last checkpoint, mid-stage on the same data cursor, and
+reaches the same weights as an uninterrupted run (CPU, same seed). A full disk
+stops the run with a message saying whether ``--resume`` can continue it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +33,14 @@ from verify.stage1_matrix import MatrixOrientation
 from verify.stage2_hidden import HiddenStateAlignment
 from verify.stage3_logits import Distillation
 
-from .distributed import init_ranks
-from .errors import SurgeryError
+from .distributed import Ranks, init_ranks
+from .errors import SurgeryError, TrainingError
+from .io import is_disk_full, tidy_atomic_leftovers
 from .log import logger, quiet
 from .options import ApplyOptions
+from .output_dir import check_output_dir, output_name_problem
 from .recipe import Recipe
+from .run_lock import clear_work_dir, hold_work_dir
 from .runtime import seed_everything
 
 
@@ -68,20 +75,31 @@ class Run:
     def __init__(self, recipe: Recipe, options: ApplyOptions | None = None) -> None:
         self.recipe = recipe
         self.opts = options or ApplyOptions()
-        self.out = Path(self.opts.out or recipe.output.dir)
+        out = self.opts.out if self.opts.out is not None else recipe.output.dir
+        problem = output_name_problem(out)
+        if problem:
+            raise SurgeryError(f"{'--out' if self.opts.out is not None else 'output.dir'}: {problem}")
+        self.out = Path(out)
         self.work = self.out.with_name(self.out.name + ".partial")
         self.ckpt = self.work / "checkpoint"
         self.overwrite = self.opts.overwrite or recipe.output.overwrite
         self.fingerprint = recipe_fingerprint(recipe)
+        self.ranks: Ranks | None = None  # distributed: set by setup (or by apply, before the run lock)
 
     # ------------------------------------------------------------------ setup (writes nothing)
 
-    def check_paths(self) -> None:
+    def check_output(self) -> None:
+        """The flags and the output path (nothing read from the work directory, which another run may hold)."""
         if self.opts.resume and self.opts.restart:
             raise SurgeryError("--resume and --restart exclude each other")
+        check_output_dir(self.out)
         if self.out.exists() and not self.overwrite:
             raise SurgeryError(f"output directory {self.out} already exists; pass --overwrite or choose --out DIR")
-        if self.work.exists() and not (self.opts.resume or self.opts.restart):
+
+    def check_paths(self) -> None:
+        """:meth:`check_output`, then whether the work directory holds a run to resume."""
+        self.check_output()
+        if (self.ckpt / "state.json").is_file() and not (self.opts.resume or self.opts.restart):
             raise SurgeryError(
                 f"an interrupted run is in {self.work}; pass --resume to continue it or --restart to discard it"
             )
@@ -89,14 +107,15 @@ class Run:
             raise SurgeryError(f"nothing to resume: no checkpoint in {self.work}; run without --resume")
 
     def setup(self) -> None:
-        from .data import Corpus, heldout_batches
+        from .data import Corpus, check_repeats, heldout_batches
         from .rewriter import rewrite
         from .teacher import load_teacher
 
         self.check_paths()
         r = self.recipe
         # --- distributed: this process's rank (one process unless launched by torchrun) ---
-        self.ranks = init_ranks(r.device)
+        if self.ranks is None:
+            self.ranks = init_ranks(r.device)
         self.device = self.ranks.device
         check_split(r, self.ranks.world_size)  # every rank's share of a step is whole
         # ---
@@ -114,6 +133,14 @@ class Run:
         self.stage1_batches = max(1, s1_tokens // (r.verify.micro_batch * (r.verify.seq_len or r.data.seq_len)))
         if r.stage(1).enabled and self.nodes:
             MatrixOrientation(self.teacher.model, self.student, self.nodes)  # head-count check, before writing
+        check_repeats(r, self.corpus.train.numel(), estimate=self._estimate)
+
+    def _estimate(self) -> str:
+        from .run_estimate import estimate_training_seconds, human_duration
+
+        seconds = estimate_training_seconds(self.recipe, self.teacher.model, self.student, self.corpus.train,
+                                            self.device)
+        return f"{human_duration(seconds)} or more on {self.device} (estimated from timed teacher forward passes)"
 
     def _sampler(self) -> Any:
         """The teacher as a sampler, where a data source samples from it (``builtin:teacher-samples``)."""
@@ -160,8 +187,8 @@ class Run:
         r = self.recipe
         self.ranks.barrier()  # distributed: every rank has checked the paths before rank 0 writes
         if self.ranks.is_main:
-            if self.opts.restart and self.work.exists():
-                shutil.rmtree(self.work)
+            if not self.opts.resume:  # a fresh start: what a run killed before its first checkpoint left goes
+                clear_work_dir(self.work)
             self.work.mkdir(parents=True, exist_ok=True)
             self.log = MetricsLog(self.work / "metrics.jsonl", tensorboard_dir=self.work / "tensorboard")
         else:
@@ -234,12 +261,43 @@ class Run:
         return self.out
 
 
+def _disk_full(run: Run, err: BaseException) -> TrainingError:
+    """The message for a full disk: whether ``--resume`` can continue, and from where."""
+    what = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else str(err).strip()
+    state = read_state(run.ckpt) if (run.ckpt / "state.json").is_file() else None
+    if state is None:
+        then = "nothing was checkpointed yet: free some space and run the same command again"
+    else:
+        where = (f"stage {state['stage']}, step {state['step']}" if state.get("stage")
+                 else f"stages done: {', '.join(map(str, state['completed'])) or 'none'}")
+        then = ("free some space, then run the same command with --resume: it continues from the last checkpoint "
+                f"({where}) and reaches the same weights as an uninterrupted run")
+    return TrainingError(f"no space left on device ({what}); {then}")
+
+
 def apply(recipe: Recipe, options: ApplyOptions | None = None) -> Path:
-    """Run the whole job described by ``recipe``; returns the student directory."""
+    """Run the whole job described by ``recipe``; returns the student directory.
+
+    Holds the lock on ``<out>.partial`` throughout; a second run on the same output is refused.
+    """
     run = Run(recipe, options)
-    run.setup()
-    run.train()
-    out = run.save()
+    run.check_output()  # before the lock creates <out>.partial: a refused run writes nothing
+    run.ranks = init_ranks(recipe.device)  # distributed: rank 0 alone holds the lock and tidies
+    main = run.ranks.is_main
+    with hold_work_dir(run.work) if main else nullcontext():
+        if main:
+            tidy_atomic_leftovers(run.ckpt)  # a checkpoint write killed between its two renames
+        run.ranks.barrier()  # distributed: the others read the work directory once it is tidy
+        run.setup()
+        if main:
+            tidy_atomic_leftovers(run.out)  # a final write killed before its rename
+        try:
+            run.train()
+            out = run.save()
+        except Exception as err:
+            if is_disk_full(err):
+                raise _disk_full(run, err) from err
+            raise
     run.ranks.barrier()  # distributed: every rank returns once the student is written
     run.ranks.close()
     return out

@@ -1,7 +1,9 @@
 """The recipe format: one readable schema for everything ``surgery apply`` does.
 
 A recipe is YAML validated by the Pydantic models below (``extra="forbid"``
-everywhere, a description on every field). Loading supports one level of
+everywhere, a description on every field; NaN/infinity and true/false for numbers
+refused). YAML is read with limits (:mod:`surgery.safe_yaml`: UTF-8, duplicate keys,
+nesting, alias expansion). Loading supports one level of
 ``base:`` inheritance (the base is deep-merged under the recipe; lists are
 replaced, not appended) and command-line overrides ``key.path=value`` whose
 values are parsed as YAML and typed by the schema. Every error names the field
@@ -14,22 +16,28 @@ anything is written.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, suggest
+from .output_dir import output_name_problem
+from .safe_yaml import parse_yaml, read_yaml_file
+from .strict_numbers import NumbersNotBools
+
+SEED_LIMIT = 1 << 63  # seeds are 64-bit integers (torch.manual_seed)
 
 # --------------------------------------------------------------------------- building blocks
 
 
-class StrictModel(BaseModel):
-    """Base for every recipe section: unknown keys are errors."""
+class StrictModel(NumbersNotBools):
+    """Base for every recipe section: unknown keys, NaN/infinity and true/false for numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class TeacherConfig(StrictModel):
@@ -116,11 +124,22 @@ class DataConfig(StrictModel):
     heldout_fraction: float = Field(
         default=0.05, gt=0, lt=0.5, description="Fraction of documents held out for evaluation (never trained on)."
     )
-    seed: int | None = Field(default=None, description="Seed for document split and batch order; defaults to `seed`.")
+    seed: int | None = Field(
+        default=None, ge=0, lt=SEED_LIMIT, description="Seed for document split and batch order; defaults to `seed`."
+    )
     max_tokens: int | None = Field(
         default=None,
         gt=0,
         description="Stop tokenizing after this many tokens (default: enough for every stage budget plus evaluation).",
+    )
+    max_epochs: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Most passes over the training tokens a stage may make. A plan whose stage budget needs more is refused "
+            "once the data is tokenized, before training, with an estimate of how long it would take; raise this "
+            "to train on repeated data on purpose."
+        ),
     )
 
     @field_validator("sources", mode="before")
@@ -152,7 +171,10 @@ class StageConfig(StrictModel):
     """Options shared by the three MOHAWK stages."""
 
     enabled: bool = Field(default=True, description="Run this stage.")
-    tokens: int = Field(default=65536, gt=0, description="Token budget: training stops after this many tokens.")
+    tokens: int = Field(
+        default=65536, gt=0,
+        description="Token budget: training stops after this many tokens (rounded up to whole tokens_per_step steps).",
+    )
     tokens_per_step: int = Field(
         default=8192, gt=0, description="Tokens per optimizer step; reached by gradient accumulation."
     )
@@ -172,7 +194,10 @@ class StageConfig(StrictModel):
 class Stage1Config(StageConfig):
     """Stage 1, matrix orientation: student mixing matrix vs teacher attention matrix, per node."""
 
-    tokens: int = Field(default=32768, gt=0, description="Token budget: training stops after this many tokens.")
+    tokens: int = Field(
+        default=32768, gt=0,
+        description="Token budget: training stops after this many tokens (rounded up to whole tokens_per_step steps).",
+    )
     lr: float = Field(default=1e-3, gt=0, le=10, description="Peak learning rate (AdamW).")
 
 
@@ -231,6 +256,14 @@ class OutputConfig(StrictModel):
     shard_size: str = Field(
         default="2GB", pattern=r"^\d+(\.\d+)?\s*[KMG]?B$", description="Shard model.safetensors above this size."
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _names_a_directory(cls, value: str) -> str:
+        problem = output_name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class DistributedConfig(StrictModel):
@@ -331,13 +364,14 @@ class Recipe(StrictModel):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Multi-process (torchrun) settings; ignored by one process."
     )
-    seed: int = Field(default=0, description="Global seed (data order, initialisation).")
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT, description="Global seed (data order, initialisation).")
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$", description="'auto' (CUDA if present), 'cpu', 'cuda[:N]'."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="'auto': bf16 autocast on CUDA, float32 on CPU."
     )
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what validation adjusted (budgets rounded up)
 
     @model_validator(mode="after")
     def _stage_shapes(self) -> Recipe:
@@ -355,9 +389,36 @@ class Recipe(StrictModel):
                     f"stages.{name}.tokens ({stage.tokens}) is less than one optimizer step "
                     f"(tokens_per_step = {stage.tokens_per_step})"
                 )
+            if stage.enabled and stage.tokens % stage.tokens_per_step:
+                steps = -(-stage.tokens // stage.tokens_per_step)
+                self._notes.append(
+                    f"stages.{name}.tokens ({stage.tokens}) is not a multiple of tokens_per_step "
+                    f"({stage.tokens_per_step}): rounded up to {steps * stage.tokens_per_step} ({steps} optimizer steps)"
+                )
+                stage.tokens = steps * stage.tokens_per_step
+        return self
+
+    @model_validator(mode="after")
+    def _stages_have_nodes(self) -> Recipe:
+        from rewrites.registry import rule_options
+
+        if any(rule_options(rule.mixer).replaces for rule in self.replace):
+            return self
+        needy = [f"stage{i}" for i in (1, 2) if self.stage(i).enabled]
+        if needy:
+            what = "every replace rule keeps attention" if self.replace else "replace: is empty (identity)"
+            raise ValueError(
+                f"{what}, so no node is replaced, but {' and '.join(needy)} train replaced nodes; add a rule with a "
+                f"mixer, or disable {', '.join(f'stages.{n}' for n in needy)} (enabled: false)"
+            )
         return self
 
     # ----------------------------------------------------------------- helpers
+
+    @property
+    def notes(self) -> list[str]:
+        """What validation adjusted, e.g. a stage budget rounded up to whole optimizer steps."""
+        return list(self._notes)
 
     def stage(self, index: int) -> StageConfig:
         """Stage config by number (1, 2, 3)."""
@@ -378,16 +439,20 @@ class Recipe(StrictModel):
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
         """Load a YAML recipe (with ``base:`` and ``key.path=value`` overrides) and validate it."""
-        return cls.from_dict(load_raw(path), overrides, source=str(path))
+        raw, base = read_recipe_file(path)
+        return cls.from_dict(raw, overrides, source=str(path) + (f" (with base {base})" if base else ""))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
         """Validate a plain dict (after applying overrides)."""
         raw = apply_overrides(raw, overrides or [])
         try:
-            return cls.model_validate(raw)
+            recipe = cls.model_validate(raw)
         except ValidationError as err:
             raise RecipeError(format_validation_error(err, source)) from None
+        for note in recipe.notes:
+            logging.getLogger("surgery").warning(f"{source}: {note}")
+        return recipe
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
@@ -401,16 +466,8 @@ class Recipe(StrictModel):
 # --------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+def _read_yaml(path: Path, what: str = "recipe file") -> dict[str, Any]:
+    data = read_yaml_file(path, what)
     if data is None:
         raise RecipeError(f"{path}: the recipe is empty; it needs at least teacher, data and output")
     if not isinstance(data, dict):
@@ -431,20 +488,34 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def load_raw(path: str | Path) -> dict[str, Any]:
     """Read a recipe file and resolve its ``base:`` (one level, relative to the file)."""
+    return read_recipe_file(path)[0]
+
+
+def read_recipe_file(path: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """(the recipe file's mapping with its ``base:`` merged under it, the base file or None)."""
     path = Path(path)
     data = _read_yaml(path)
     base_ref = data.pop("base", None)
     if base_ref is None:
-        return data
-    if not isinstance(base_ref, str):
-        raise RecipeError(f"{path}: base: must be a path to another recipe file, got {base_ref!r}")
+        return data, None
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise RecipeError(f"{path}: base: must be the path of another recipe file, got {base_ref!r}")
     base_path = (path.parent / base_ref).resolve()
-    base = _read_yaml(base_path)
+    try:
+        base = _read_yaml(base_path, "base recipe file")
+    except RecipeError as err:
+        raise RecipeError(f"{path}: base: {err}") from None
     if "base" in base:
         raise RecipeError(
             f"{path}: base recipe {base_ref} has its own base:; only one level of inheritance is supported"
         )
-    return deep_merge(base, data)
+    unknown = [str(k) for k in base if k not in Recipe.model_fields]
+    if unknown:
+        raise RecipeError(
+            f"{path}: base: {base_path} is not a recipe: its top level has {unknown[0]!r}"
+            f"{suggest(unknown[0], Recipe.model_fields)}; recipe sections are {', '.join(Recipe.model_fields)}"
+        )
+    return deep_merge(base, data), base_path
 
 
 # --------------------------------------------------------------------------- overrides
@@ -507,9 +578,11 @@ def _parse_value(text: str) -> Any:
     if not text.strip():
         return ""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        value = parse_yaml(text, f"override value {text!r}")
+    except RecipeError as err:
+        if "not valid YAML" in str(err):
+            return text
+        raise
     if isinstance(value, dict) and not text.lstrip().startswith("{"):
         return text
     return value

@@ -326,11 +326,28 @@ def _load_random(ref: str, parsed: _Ref, attn_implementation: str | None) -> Tea
     return Teacher(model, byte_tokenizer(), ref, source, None, parsed.name, {"kind": "random"})
 
 
+_PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch pickle formats
+
+
+def _refuse_pickle_only(ref: str, directory: Path) -> None:
+    """A local teacher must hold safetensors weights: pickle files are never unpickled (unpickling runs code)."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in _PICKLE_GLOBS for p in directory.glob(pattern))
+    if pickled:
+        raise TeacherError(
+            f"teacher directory {ref!r} holds only pickle weights ({pickled[0]}), which surgery never loads "
+            "(unpickling a file can run code). Convert them to model.safetensors where the file's source is "
+            "trusted (transformers' save_pretrained writes safetensors), then point surgery at that directory"
+        )
+
+
 def _load_local(ref: str, parsed: _Ref, dtype: torch.dtype, attn: str | None, trust: bool) -> Teacher:
+    _refuse_pickle_only(ref, Path(parsed.name))
     model = _wrap_load(
         ref,
         lambda: AutoModelForCausalLM.from_pretrained(
-            parsed.name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
+            parsed.name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust, use_safetensors=True
         ),
     )
     try:

@@ -297,6 +297,7 @@ def test_tokens_needed() -> None:
             "teacher": {"model": "random:llama"},
             "data": {"sources": ["builtin:python-docs"], "seq_len": 64},
             "output": {"dir": "out"},
+            "replace": [{"mixer": "discrete_mamba2"}],
             "stages": {
                 "stage1": {"tokens": 1024, "tokens_per_step": 256},
                 "stage2": {"enabled": False},

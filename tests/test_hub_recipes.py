@@ -43,7 +43,7 @@ def test_phi_mamba_replaces_all_24_layers_with_32_head_mixers() -> None:
 
 def test_hybrid_phi_mamba_keeps_four_interleaved_attention_layers() -> None:
     recipe = Recipe.load(RECIPES / "hybrid_phi_mamba.yaml")
-    assert recipe.stages.stage1.tokens == 80_000_000  # inherited from phi_mamba.yaml
+    assert recipe.stages.stage1.tokens == 80_216_064  # inherited from phi_mamba.yaml
     result = plan(meta_model(PHI_1_5), recipe.replace)
     kept = [e.layer for e in result.entries if e.mixer in (None, "keep")]
     assert kept == [3, 9, 15, 21]

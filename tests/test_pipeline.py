@@ -116,13 +116,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+FINAL_WRITE_KILLER = """
+import os, signal, sys
+import surgery.student as student
+original = student.save_student
+def killing(directory, *args, **kwargs):
+    original(directory, *args, **kwargs)   # the whole student written into the temporary directory ...
+    os.kill(os.getpid(), signal.SIGKILL)   # ... and killed before the rename that makes it the output
+student.save_student = killing
+from surgery.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _cli(args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "surgery", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-def test_kill_during_stage2_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+def test_kill_during_stage2_and_the_final_write_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     common = ["-q", "apply", str(TINY), "stages.stage2.tokens=3072", "stages.stage2.checkpoint_every=2"]
     killed = _cli([*common, "--out", str(tmp_path / "resumed")], script=KILLER)
     assert killed.returncode == -9, killed.stderr
@@ -133,8 +146,15 @@ def test_kill_during_stage2_then_resume_equals_uninterrupted(tmp_path: Path) -> 
     refused = _cli([*common, "--out", str(tmp_path / "resumed")])
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
+    killed_again = _cli([*common, "--out", str(tmp_path / "resumed"), "--resume"], script=FINAL_WRITE_KILLER)
+    assert killed_again.returncode == -9, killed_again.stderr
+    strays = list(tmp_path.glob(".resumed.*.tmp"))
+    assert len(strays) == 1 and (strays[0] / "model.safetensors").is_file()  # killed during the final write
+    assert not (tmp_path / "resumed").exists()
+
     resumed = _cli([*common, "--out", str(tmp_path / "resumed"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed"]  # no stray temporary, no work directory left
     straight = _cli([*common, "--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr
 

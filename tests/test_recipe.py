@@ -42,11 +42,11 @@ def test_good_recipe_loads_and_round_trips(tmp_path: Path) -> None:
 
 def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
     write(tmp_path, GOOD, "base.yaml")
-    child = {"base": "base.yaml", "stages": {"stage3": {"lr": 5e-5}}, "replace": [{"mixer": "keep"}]}
+    child = {"base": "base.yaml", "stages": {"stage3": {"lr": 5e-5}}, "replace": [{"mixer": "mamba2"}]}
     recipe = Recipe.load(write(tmp_path, child, "child.yaml"))
     assert recipe.stages.stage3.lr == 5e-5
     assert recipe.stages.stage3.tokens == 256  # inherited from the base
-    assert [r.mixer for r in recipe.replace] == ["keep"]  # lists replace
+    assert [r.mixer for r in recipe.replace] == ["mamba2"]  # lists replace
 
 
 def test_overrides_are_typed_by_yaml(tmp_path: Path) -> None:

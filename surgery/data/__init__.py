@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 from .batches import BatchStream, heldout_batches
 from .budget import (
+    check_repeats,
     data_config_from_cli,
     heldout_tokens_needed,
     tokens_needed,
@@ -71,6 +72,7 @@ __all__: Sequence[str] = [
     "RankShard",
     "StdlibSource",
     "TextSource",
+    "check_repeats",
     "data_config_from_cli",
     "encode_texts",
     "heldout_batches",

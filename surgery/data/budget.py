@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import DataError
@@ -45,3 +46,31 @@ def heldout_tokens_needed(recipe: Any) -> int:
 def tokens_needed(recipe: Any) -> int:
     """All tokens a recipe consumes: enabled stage budgets plus held-out verification."""
     return train_tokens_needed(recipe) + heldout_tokens_needed(recipe)
+
+
+def check_repeats(recipe: Any, train_tokens: int, estimate: Callable[[], str] | None = None) -> None:
+    """Refuse a plan whose stage budget needs more than ``data.max_epochs`` passes over ``train_tokens``.
+
+    Each stage cuts the training tokens into sequences of its own length and passes over them in
+    turn (:class:`~surgery.data.BatchStream`). ``estimate()``, called only when refusing, says how
+    long the plan would take.
+    """
+    limit = recipe.data.max_epochs
+    worst: tuple[int, float, int] | None = None
+    for i in (1, 2, 3):
+        cfg = recipe.stage(i)
+        usable = train_tokens // recipe.seq_len(i) * recipe.seq_len(i)
+        if not cfg.enabled or usable == 0:
+            continue
+        epochs = cfg.tokens / usable
+        if epochs > limit and (worst is None or epochs > worst[1]):
+            worst = (i, epochs, usable)
+    if worst is None:
+        return
+    i, epochs, usable = worst
+    took = f"; the plan would take {estimate()}" if estimate is not None else ""
+    raise DataError(
+        f"stages.stage{i}.tokens ({recipe.stage(i).tokens:,}) needs {epochs:,.3g} passes over the {usable:,} "
+        f"training tokens the data holds, more than data.max_epochs ({limit:g}){took}. Lower the stage budgets, "
+        "add data (data.sources), or raise data.max_epochs to repeat the data on purpose"
+    )

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..mixer_options import check_divides  # noqa: F401 - re-exported for the mixers
+
 if TYPE_CHECKING:
     from .base import AttentionWeights
 
@@ -103,12 +105,6 @@ def check_positive(owner: str, **values: int | None) -> None:
             raise ValueError(f"{owner}: {name} is not set; resolve the params against the teacher (resolve_params) or set it")
         if value <= 0:
             raise ValueError(f"{owner}: {name} must be positive, got {value}")
-
-
-def check_divides(owner: str, small: tuple[str, int], big: tuple[str, int]) -> None:
-    """Raise ``ValueError`` unless ``small`` divides ``big``, naming both parameters."""
-    if big[1] % small[1]:
-        raise ValueError(f"{owner}: {big[0]} ({big[1]}) must be a multiple of {small[0]} ({small[1]})")
 
 
 def log_uniform_(t: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -32,28 +32,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..cache import SSMCacheLayer, check_continuation_has_state, surgery_cache
 from ..hf_conventions import attention_call_cache
+from ..mixer_options import MixerInit, MixerParams  # torch-free: recipes validate without torch
 from ..ops.stage1 import MatrixFactors
 from ._common import token_validity
 
 
 TRANSFER_OPTIONS = ("q_to_C", "k_to_B", "v_to_x", "o_to_out")  # init options that copy teacher weights
-
-
-class MixerParams(BaseModel):
-    """Base of every mixer's parameter model (``replace[i].params``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class MixerInit(BaseModel):
-    """Base of every mixer's initialisation options (``replace[i].init``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 @dataclass(frozen=True)

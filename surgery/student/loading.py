@@ -5,7 +5,8 @@
 random values, buffers such as rotary frequencies are computed as usual) ->
 :func:`surgery.rewriter.splice` from ``surgery.nodes`` -> tensors streamed one by one from
 safetensors into the parameters (strict: each expected tensor present once, with the recorded
-shape and dtype, nothing extra) -> ``enable_recurrent_cache`` -> eval mode.
+shape and dtype, nothing extra; NaN or infinite values refused, naming the tensors) ->
+``enable_recurrent_cache`` -> eval mode.
 """
 
 from __future__ import annotations
@@ -50,15 +51,23 @@ def load(
     model = build_model(config, section, path, device, dtype or saved_dtype)
     to_load = check_tensors(path, model, found, section)
     targets = {name: (target, want) for name, target, want in to_load}
+    nonfinite: list[str] = []
     with open_weights(path, files, "cpu") as handles, torch.no_grad():
         for h in handles.values():
             for name in h.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 target, want = targets[name]
                 tensor = h.get_tensor(name)  # checked: shape, and dtype == want
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    nonfinite.append(name)
                 final = dtype if dtype is not None and tensor.is_floating_point() else want
                 if target.dtype != final:  # stored in another dtype than the rest (surgery.dtypes)
                     target.data = torch.empty_like(target, dtype=final)
                 target.copy_(tensor)  # casts to the requested dtype
+    if nonfinite:
+        more = f" (and {len(nonfinite) - 3} more)" if len(nonfinite) > 3 else ""
+        raise StudentError(f"{path}: tensor {', '.join(sorted(nonfinite)[:3])}{more} holds NaN or infinite values: "
+                           "the weights are broken (a diverged run, or an edited file); re-run surgery apply, or "
+                           "resume the run with a lower learning rate")
     gen_path = path / GENERATION_CONFIG
     if gen_path.is_file():
         from transformers import GenerationConfig

@@ -21,6 +21,7 @@ from .config import read_config, section_dtype
 from .dtypes import dtype_from_name, dtype_name
 from .layout import PROVENANCE
 from .nodes import node_of
+from .sizes import check_layer_count
 from .tensors import named_tensors, tied_aliases
 from .tokenizer import load_tokenizer
 from .weights import read_headers, weight_files
@@ -66,6 +67,7 @@ def read_student(path: Path) -> tuple[dict[str, Any], dict[str, Any], list[str],
     config, section = read_config(path)
     files, weight_map = weight_files(path)
     found = read_headers(path, files, weight_map)
+    check_layer_count(config, found, path)  # before anything is built from config.json
     return config, section, files, found, section_dtype(section, path)
 
 

@@ -1,13 +1,17 @@
 """The safetensors weight files: written whole or in shards with an index, found, opened and read back.
 
 No tensor data is read here except by the caller through :func:`open_weights`; :func:`read_headers`
-reads names, shapes and dtypes from the file headers only. Pickle weights are never opened.
+reads names, shapes and dtypes from the file headers only. Pickle weights are never opened, and
+weight files must be regular files inside the directory (:func:`check_weight_file`: no folder,
+device or link out of it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -17,6 +21,7 @@ import torch
 
 from .. import __version__
 from ..errors import StudentError
+from ..io import file_kind
 from .dtypes import ST_DTYPES
 from .layout import INDEX, PICKLE_WEIGHTS, WEIGHTS, write_json
 
@@ -77,10 +82,31 @@ def write_weights(directory: Path, tensors: list[tuple[str, torch.Tensor]], shar
     return [*names, INDEX]
 
 
+def check_weight_file(path: Path, name: str) -> bool:
+    """Whether weight file ``path/name`` exists; a StudentError when it is not a regular file inside ``path``."""
+    full = path / name
+    if not os.path.lexists(full):
+        return False
+    if full.is_symlink():
+        target = full.resolve()
+        if not target.is_relative_to(path.resolve()):
+            raise StudentError(f"{full} is a link to {target}, outside the student directory; surgery does not "
+                               "follow weight files out of it: copy the file itself into the directory")
+    try:
+        mode = full.stat().st_mode
+    except OSError:
+        raise StudentError(f"{full} is a broken link (to {os.readlink(full)}); copy the file itself into the "
+                           "directory") from None
+    if not stat.S_ISREG(mode):
+        raise StudentError(f"{full} is {file_kind(mode)}, not a safetensors file; copy the file from the original "
+                           "output or re-run surgery apply")
+    return True
+
+
 def weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
     """(weight files, index weight map or None)."""
     index_path = path / INDEX
-    if index_path.is_file():
+    if check_weight_file(path, INDEX):
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = index["weight_map"]
@@ -92,7 +118,7 @@ def weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
         for f in files:
             if Path(f).name != f:
                 raise StudentError(f"{index_path} lists {f!r}, which is not a file name in the directory; copy it again")
-        missing = [f for f in files if not (path / f).is_file()]
+        missing = [f for f in files if not check_weight_file(path, f)]
         if missing:
             raise StudentError(
                 f"{path} is incomplete: shard {missing[0]} listed in {INDEX} is missing"
@@ -100,7 +126,7 @@ def weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
                 + "; copy every model-*-of-*.safetensors file of the original output"
             )
         return files, weight_map
-    if (path / WEIGHTS).is_file():
+    if check_weight_file(path, WEIGHTS):
         return [WEIGHTS], None
     pickled = [p for p in PICKLE_WEIGHTS if (path / p).exists()]
     if pickled:
