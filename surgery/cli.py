@@ -155,17 +155,31 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_and_rules(recipe: Any) -> tuple[Any, list[Any], Any]:
+    """The teacher for plan / diff (its skeleton, unless ``layers: auto`` needs its weights) and the rules to apply."""
+    from .layer_choice import has_auto, ranking_batches, resolve_auto_layers
+    from .teacher import load_teacher, load_teacher_skeleton
+
+    if not has_auto(recipe.replace):
+        return load_teacher_skeleton(recipe.teacher)[0], recipe.replace, None
+    teacher = load_teacher(recipe.teacher, device="cpu")  # layers: auto is chosen from the teacher's activations
+    rules, choice = resolve_auto_layers(recipe.replace, teacher.model, ranking_batches(recipe, teacher.tokenizer))
+    return teacher.model, rules, choice
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
     opts = options_from_args(PlanOptions, args)
     from .log import quiet_libraries
     from .rewriter import plan
-    from .teacher import load_teacher_skeleton
 
     quiet_libraries(args.verbose)
-    model, _ = load_teacher_skeleton(recipe.teacher)
-    result = plan(model, recipe.replace)
-    _write(json.dumps(result.to_dict(), indent=2) if opts.format == "json" else result.to_text(), None)
+    model, rules, choice = _teacher_and_rules(recipe)
+    result = plan(model, rules)
+    if opts.format == "json":
+        _write(json.dumps(result.to_dict() | ({"layer_choice": choice.to_dict()} if choice else {}), indent=2), None)
+    else:
+        _write(result.to_text() + (f"\n{choice.to_text()}" if choice else ""), None)
     return 0
 
 
@@ -175,11 +189,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from .graph_diff import diff
     from .log import quiet_libraries
     from .rewriter import rewrite
-    from .teacher import load_teacher_skeleton
 
     quiet_libraries(args.verbose)
-    model, _ = load_teacher_skeleton(recipe.teacher)
-    student, result = rewrite(model, recipe.replace)
+    model, rules, _ = _teacher_and_rules(recipe)
+    student, result = rewrite(model, rules)
     d = diff(model, student, result)
     text = {"text": d.to_text, "json": lambda: json.dumps(d.to_dict(), indent=2), "html": d.to_html}[opts.format]()
     _write(text, opts.output)

@@ -123,7 +123,8 @@ class Run:
         with self.ranks.main_first():  # distributed: rank 0 fills the teacher and data caches first
             self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device),
                                         progress=not quiet())
-            self.student, self.plan = rewrite(self.teacher.model, r.replace)
+            rules = self._resolve_layers()
+            self.student, self.plan = rewrite(self.teacher.model, rules)
             self.nodes = replaced_nodes(self.student)
             self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet(), sampler=self._sampler())
         self.ranks.broadcast_module(self.student)  # distributed: replicas start from rank 0's weights
@@ -134,6 +135,19 @@ class Run:
         if r.stage(1).enabled and self.nodes:
             MatrixOrientation(self.teacher.model, self.student, self.nodes)  # head-count check, before writing
         check_repeats(r, self.corpus.train.numel(), estimate=self._estimate)
+
+    def _resolve_layers(self) -> list:
+        """The replace rules with ``layers: auto`` made explicit; the run's recipe records the choice."""
+        from .layer_choice import has_auto, ranking_batches, resolve_auto_layers
+
+        self.layer_choice = None
+        if not has_auto(self.recipe.replace):
+            return self.recipe.replace
+        batches = ranking_batches(self.recipe, self.teacher.tokenizer)
+        rules, self.layer_choice = resolve_auto_layers(self.recipe.replace, self.teacher.model, batches)
+        logger.info(self.layer_choice.to_text())
+        self.recipe = self.recipe.model_copy(update={"replace": rules})  # recipe.resolved.yaml lists the layers
+        return rules
 
     def _estimate(self) -> str:
         from .run_estimate import estimate_training_seconds, human_duration
@@ -249,6 +263,8 @@ class Run:
         if not self.ranks.is_main:  # distributed: rank 0 writes the student
             return self.out
         report = build_report(teacher=self.teacher.ref, trail=self.trail, stages=self.stage_info, name=self.recipe.name)
+        if self.layer_choice is not None:
+            report["layer_choice"] = {"text": self.layer_choice.to_text(), **self.layer_choice.to_dict()}
         with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
             plots = [p for p in (plot_per_layer(before_after_series(report), tmp / "per_layer.png"),
                                  plot_losses(self.log.read(), tmp / "losses.png")) if p is not None]

@@ -291,6 +291,7 @@ class DistributedConfig(StrictModel):
     )
 
 
+AUTO_LAYERS = "auto"  # ``layers: auto``: chosen by :mod:`surgery.layer_choice` from the teacher's activations
 _LAYER_SLICE = re.compile(r"^\s*-?\d*\s*(:\s*-?\d*\s*(:\s*-?\d+\s*)?)?$")
 
 
@@ -310,7 +311,14 @@ class ReplaceRule(StrictModel):
     )
     layers: int | list[int] | str | None = Field(
         default=None,
-        description="Layer indices: an int, a list ([0, 2, 5]) or a Python slice string ('0:24:2', '-4:').",
+        description=(
+            "Layer indices: an int, a list ([0, 2, 5]) or a Python slice string ('0:24:2', '-4:'); or 'auto' "
+            "with `count` and `mixer: keep`: keep the `count` attention layers that change the residual stream "
+            "most on the recipe's text (surgery plan shows the ranking)."
+        ),
+    )
+    count: int | None = Field(
+        default=None, gt=0, description="With `layers: auto`: how many attention layers the rule takes."
     )
     type: str | None = Field(
         default=None,
@@ -326,11 +334,27 @@ class ReplaceRule(StrictModel):
     @field_validator("layers")
     @classmethod
     def _layers_syntax(cls, value: Any) -> Any:
+        if value == AUTO_LAYERS:
+            return value
         if isinstance(value, str) and not _LAYER_SLICE.match(value):
             raise ValueError(f"{value!r} is not a layer slice; write e.g. '0:24:2', '-4:' or a list like [0, 2, 5]")
         if isinstance(value, str) and re.search(r":\s*0\s*$", value) and value.count(":") == 2:
             raise ValueError(f"layer slice {value!r} has step 0")
         return value
+
+    @model_validator(mode="after")
+    def _auto_layers(self) -> ReplaceRule:
+        if self.layers == AUTO_LAYERS:
+            if self.mixer != "keep":
+                raise ValueError(
+                    f"layers: auto chooses the attention layers to keep; it needs mixer: keep (got {self.mixer!r}), "
+                    f"followed by a rule replacing the rest"
+                )
+            if self.count is None:
+                raise ValueError("layers: auto needs count: how many attention layers to keep (e.g. count: 7)")
+        elif self.count is not None:
+            raise ValueError("count is for layers: auto; with explicit layers, list them instead")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -411,6 +435,13 @@ class Recipe(StrictModel):
                 f"{what}, so no node is replaced, but {' and '.join(needy)} train replaced nodes; add a rule with a "
                 f"mixer, or disable {', '.join(f'stages.{n}' for n in needy)} (enabled: false)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_auto_rule(self) -> Recipe:
+        auto = [i for i, rule in enumerate(self.replace) if rule.layers == AUTO_LAYERS]
+        if len(auto) > 1:
+            raise ValueError(f"replace rules {auto} all say layers: auto; one rule chooses the layers to keep")
         return self
 
     # ----------------------------------------------------------------- helpers

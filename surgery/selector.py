@@ -33,7 +33,7 @@ from torch import nn
 from rewrites.adapters import AttentionView, get_adapter
 
 from .errors import SelectionError
-from .recipe import ReplaceRule
+from .recipe import AUTO_LAYERS, ReplaceRule
 
 ANY_ATTENTION = "attention"
 
@@ -93,6 +93,11 @@ def parse_layers(spec: int | list[int] | str | None, n_layers: int, where: str) 
     """Layer indices a ``layers:`` value selects (None: all). Errors name the valid range."""
     if spec is None:
         return None
+    if spec == AUTO_LAYERS:
+        raise SelectionError(
+            f"{where}: layers: auto is chosen from the teacher's activations by surgery plan / surgery apply; from "
+            f"Python, resolve it first with surgery.layer_choice.resolve_auto_layers(rules, model, batches)"
+        )
     valid = f"the model has {n_layers} decoder layers (0..{n_layers - 1}, or -{n_layers}..-1)"
 
     def index(i: Any) -> int:

@@ -104,6 +104,8 @@ def report_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:  # ty
               f"| teacher | {_fmt(ppl['teacher'])} | 1 |",
               f"| student after weight transfer only | {_fmt(ppl['student_transfer_only'])} | {_fmt(top1['student_transfer_only'])} |",
               f"| student final | {_fmt(ppl['student_final'])} | {_fmt(top1['student_final'])} |", ""]
+    if report.get("layer_choice"):
+        lines += ["## Attention layers kept", "", report["layer_choice"]["text"], ""]
     if report["stage1"]["per_node"] or report["stage2"]["per_block"]:
         lines += ["## Per layer", "", "| node | stage 1 before | stage 1 after | stage 2 before | stage 2 after |",
                   "| --- | --- | --- | --- | --- |"]
