@@ -10,6 +10,7 @@ import neither torch nor transformers, so they answer in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -159,12 +160,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
     opts = options_from_args(PlanOptions, args)
     from .log import quiet_libraries
-    from .rewriter import plan
+    from .rewriter import plan, splice
+    from .student.prebuild import check_rebuildable
     from .teacher import load_teacher_skeleton
 
     quiet_libraries(args.verbose)
     model, _ = load_teacher_skeleton(recipe.teacher)
     result = plan(model, recipe.replace)
+    student = splice(copy.deepcopy(model), result.nodes())  # the student's module tree, on meta
+    check_rebuildable(student, result, recipe.output.dir)  # what apply would otherwise find after training
     _write(json.dumps(result.to_dict(), indent=2) if opts.format == "json" else result.to_text(), None)
     return 0
 

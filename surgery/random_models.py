@@ -35,6 +35,30 @@ _LLAMA_LIKE: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 
+HEAD_DIM = D_MODEL // N_HEADS
+# The Llama-layout families (``model.layers.i.self_attn.{q,k,v,o}_proj``), each with the options that make its
+# attention differ from Llama's switched on (biases, q/k norms, partial RoPE, soft-capping, windows, NoPE layers),
+# so that the tests meet them; ``layer_types=None`` lets the config derive the list for N_LAYERS.
+_MOE: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+LLAMA_LAYOUT: dict[str, dict[str, Any]] = {
+    "starcoder2": {"use_bias": True, "sliding_window": None},
+    "olmo": {"clip_qkv": 8.0},
+    "olmo2": {},  # q_norm/k_norm over all heads at once (n_heads * head_dim)
+    "olmo3": {"sliding_window": 16, "layer_types": None},
+    "stablelm": {"qk_layernorm": True, "use_qkv_bias": True, "partial_rotary_factor": 0.5},
+    "cohere": {"use_qk_norm": True, "tie_word_embeddings": True},  # interleaved RoPE, q/k LayerNorm per head
+    "granite": {"attention_multiplier": 0.2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                "logits_scaling": 2.0},
+    "gemma2": {"sliding_window": 16, "layer_types": None, "query_pre_attn_scalar": HEAD_DIM},  # soft-capping
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen2_moe": {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64, "layer_types": None},
+    "qwen3_moe": {**_MOE, "num_experts": 4},
+    "nemotron": {"partial_rotary_factor": 0.5},
+    "glm": {"partial_rotary_factor": 0.5, "attention_bias": True},  # interleaved partial RoPE
+    "helium": {},
+    "smollm3": {"no_rope_layer_interval": 2, "no_rope_layers": None, "layer_types": None},  # NoPE every 2nd layer
+}
+
 # model_type -> config kwargs (AutoConfig.for_model(model_type, **kwargs))
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(_LLAMA_LIKE),
@@ -62,6 +86,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "use_parallel_residual": True,
     },
     "gpt2": {"n_embd": D_MODEL, "n_layer": N_LAYERS, "n_head": N_HEADS, "n_positions": MAX_POSITIONS, "n_inner": FFN},
+    **{name: dict(_LLAMA_LIKE, head_dim=HEAD_DIM, **extra) for name, extra in LLAMA_LAYOUT.items()},
     "opt": {
         "hidden_size": D_MODEL,
         "ffn_dim": FFN,

@@ -40,8 +40,8 @@ def _family_qkv(view, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     attn, config = view.module, view.adapter.config
     b, L, _ = u.shape
     kwargs = {"hidden_states": u, "attention_mask": None}
-    if view.position.kind == "rope":
-        rd = view.position.rotary_dim
+    if view.adapter.uses_position_embeddings:  # also NoPE layers of a RoPE model (SmolLM3): they ignore it
+        rd = view.position.rotary_dim or view.shape.head_dim
         kwargs["position_embeddings"] = (torch.ones(b, L, rd), torch.zeros(b, L, rd))
     before = config._attn_implementation
     config._attn_implementation = "surgery_capture"
@@ -57,6 +57,16 @@ def _ours(w, u: torch.Tensor, which: str) -> torch.Tensor:  # noqa: ANN001
     t, b = getattr(w, which), getattr(w, f"{which}_bias")
     out = torch.einsum("hpd,bld->bhlp", t, u)  # (b, h, L, p)
     return out if b is None else out + b[None, :, None, :]
+
+
+def _normed(norm, t: torch.Tensor, scope: str | None) -> torch.Tensor:  # noqa: ANN001
+    """Apply a family's q/k norm to ``t (b, h, L, p)`` the way its attention does."""
+    b, h, L, p = t.shape
+    if scope == "all_heads":  # OLMo2: over h*p, before the head split
+        return norm(t.transpose(1, 2).reshape(b, L, h * p)).reshape(b, L, h, p).transpose(1, 2)
+    if type(norm).__name__.startswith("Cohere"):  # weight (h, p), applied on (b, L, h, p)
+        return norm(t.transpose(1, 2)).transpose(1, 2)
+    return norm(t)  # (b, h, L, p), over p (StableLM: one norm per head along dim 1)
 
 
 def test_registry_covers_every_random_family() -> None:
@@ -76,10 +86,10 @@ def test_weights_reproduce_family_projections(family: str) -> None:
     q, k, v = _family_qkv(view, u)
     attn = view.module
     eq, ek, ev = _ours(w, u, "q"), _ours(w, u, "k"), _ours(w, u, "v")
-    if view.qk_norm:  # Qwen3 / Gemma3: per-head norm before RoPE, over p
+    if view.qk_norm:  # norm before RoPE: per head (Qwen3, Gemma3, Cohere, StableLM) or over all heads (OLMo2)
         qn = getattr(attn, "q_norm", None) or attn.q_layernorm
         kn = getattr(attn, "k_norm", None) or attn.k_layernorm
-        eq, ek = qn(eq), kn(ek)
+        eq, ek = _normed(qn, eq, view.qk_norm_scope), _normed(kn, ek, view.qk_norm_scope)
     if family == "opt":  # OPT scales q inside the module
         eq = eq * attn.scaling
     assert q.shape == (2, s.n_heads, 5, s.head_dim) and k.shape == (2, s.n_kv_heads, 5, s.head_dim)
@@ -126,4 +136,32 @@ def test_unknown_family_lists_supported() -> None:
     model = random_model("gpt2")
     model.config.model_type = "gpt3"
     with pytest.raises(UnsupportedModelError, match="supported: .*gpt2"):
+        get_adapter(model)
+
+
+def test_llama_layout_variants_are_reported() -> None:
+    """What each Llama-layout family changes is named in the node's info (plans and diffs show it)."""
+
+    def info(family: str, layer: int = 0) -> dict:
+        return get_adapter(random_model(family)).attention_views()[layer].info()
+
+    assert info("olmo2")["qk_norm"] == "all_heads" and info("qwen3")["qk_norm"] == "head"
+    assert info("stablelm")["qk_norm"] == "head" and info("cohere")["qk_norm"] == "head"
+    assert info("llama")["qk_norm"] is False and info("llama")["adapter"] == "LlamaAdapter"
+    assert info("glm")["position"] == {"kind": "rope", "rope_theta": 10000.0, "rotary_dim": 8, "rope_type": "default",
+                                       "interleaved": True}
+    assert info("stablelm")["position"]["rotary_dim"] == 8 and info("nemotron")["position"]["rotary_dim"] == 8
+    assert info("smollm3", 0)["position"]["kind"] == "rope" and info("smollm3", 1)["position"] == {"kind": "none"}
+    assert info("gemma2", 0)["sliding_window"] == 16 and info("gemma2", 1)["sliding_window"] is None
+    assert [info("olmo3", i)["sliding_window"] for i in range(4)] == [16, 16, 16, None]
+    assert info("starcoder2")["adapter"] == "LlamaAdapter"
+    w = get_adapter(random_model("starcoder2")).attention_views()[0].weights()
+    assert all(b is not None for b in (w.q_bias, w.k_bias, w.v_bias, w.o_bias))  # use_bias: all four
+
+
+def test_no_structural_fallback() -> None:
+    """A family without an adapter is refused even when its modules look like Llama's."""
+    model = random_model("llama")
+    model.config.model_type = "llama_lookalike"
+    with pytest.raises(UnsupportedModelError, match="no attention adapter for model_type 'llama_lookalike'"):
         get_adapter(model)

@@ -50,7 +50,8 @@ def test_matrix_squared_distance_is_the_frobenius_formula() -> None:
     assert torch.allclose(attention_probs(q, k, 0.3)[bi, hi], P, atol=1e-14)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt", "phi", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt", "phi", "gpt_neox", "granite", "olmo2", "cohere",
+                                    "smollm3"])
 @pytest.mark.parametrize("mixer", ["discrete_mamba2", "mamba2"])
 def test_factored_stage1_equals_replayed_attention(family: str, mixer: str) -> None:
     teacher = random_model(family).eval()
@@ -76,6 +77,20 @@ def test_factored_stage1_equals_replayed_attention(family: str, mixer: str) -> N
             for a, b in zip(*grads):
                 if a is not None or b is not None:
                     assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("L", [9, 24])  # shorter and longer than Gemma2's window of 16
+def test_recording_softcapped_attention_equals_eager(L: int) -> None:
+    """Gemma2 soft-caps its attention logits (SDPA cannot): the recording pass computes them itself."""
+    teacher = random_model("gemma2").eval()
+    ids = torch.randint(3, 300, (2, L), generator=torch.Generator().manual_seed(2))
+    paths = [f"model.layers.{i}.self_attn" for i in range(4)]
+    with record_attention_qk(teacher, paths) as qk:
+        recorded = teacher(ids, use_cache=False).logits
+    assert not any(q.plain for q in qk.values()) and "softcap" in qk[paths[1]].why
+    with eager_attention(teacher):
+        eager = teacher(ids, use_cache=False).logits
+    assert rel(recorded, eager) < 1e-5
 
 
 def test_stage1_switches_to_replay_for_a_window_shorter_than_the_sequence() -> None:

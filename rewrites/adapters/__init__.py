@@ -2,22 +2,30 @@
 
 from .base import (
     ADAPTERS,
+    ENTRY_POINT_GROUP,
+    REFUSED,
     AttentionView,
     FamilyAdapter,
     PositionInfo,
     UnsupportedModelError,
     get_adapter,
+    refusal,
     register_adapter,
     supported_families,
+    unsupported_message,
 )
 
 __all__ = [
     "ADAPTERS",
+    "ENTRY_POINT_GROUP",
+    "REFUSED",
     "AttentionView",
     "FamilyAdapter",
     "PositionInfo",
     "UnsupportedModelError",
     "get_adapter",
+    "refusal",
     "register_adapter",
     "supported_families",
+    "unsupported_message",
 ]
