@@ -59,6 +59,26 @@ LLAMA_LAYOUT: dict[str, dict[str, Any]] = {
     "smollm3": {"no_rope_layer_interval": 2, "no_rope_layers": None, "layer_types": None},  # NoPE every 2nd layer
 }
 
+_GPT_NAMES: dict[str, Any] = {"n_embd": D_MODEL, "n_layer": N_LAYERS, "n_head": N_HEADS, "n_positions": MAX_POSITIONS,
+                               "n_inner": FFN}
+_NO_DROPOUT: dict[str, Any] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+# Families with fused or differently named projections (one adapter module each in rewrites/adapters/)
+FUSED_LAYOUT: dict[str, dict[str, Any]] = {
+    "phi3": dict(_LLAMA_LIKE, partial_rotary_factor=0.5),  # qkv_proj [q | k | v] with GQA
+    "persimmon": {"hidden_size": D_MODEL, "intermediate_size": FFN, "num_hidden_layers": N_LAYERS,
+                  "num_attention_heads": N_HEADS, "max_position_embeddings": MAX_POSITIONS, "qk_layernorm": True,
+                  "partial_rotary_factor": 0.5},  # query_key_value interleaved per head
+    "gpt_bigcode": dict(_GPT_NAMES, multi_query=True, **_NO_DROPOUT),  # c_attn [q | k | v], one K/V head
+    "gptj": dict(_GPT_NAMES, rotary_dim=8, **_NO_DROPOUT),  # attn.{q,k,v,out}_proj, interleaved partial RoPE
+    "codegen": dict(_GPT_NAMES, n_ctx=MAX_POSITIONS, rotary_dim=8, **_NO_DROPOUT),  # qkv_proj in 4 permuted blocks
+    "gpt_neo": {"hidden_size": D_MODEL, "num_layers": N_LAYERS, "num_heads": N_HEADS, "intermediate_size": FFN,
+                "attention_types": [[["global", "local"], N_LAYERS // 2]], "window_size": 16,
+                "max_position_embeddings": MAX_POSITIONS},  # attn.attention.*, unscaled, local windows
+    "falcon": {"hidden_size": D_MODEL, "num_hidden_layers": N_LAYERS, "num_attention_heads": N_HEADS,
+               "num_kv_heads": N_KV_HEADS, "new_decoder_architecture": True, "alibi": False, "bias": False,
+               "ffn_hidden_size": FFN, "max_position_embeddings": MAX_POSITIONS},  # query_key_value per KV group
+}
+
 # model_type -> config kwargs (AutoConfig.for_model(model_type, **kwargs))
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(_LLAMA_LIKE),
@@ -87,6 +107,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "gpt2": {"n_embd": D_MODEL, "n_layer": N_LAYERS, "n_head": N_HEADS, "n_positions": MAX_POSITIONS, "n_inner": FFN},
     **{name: dict(_LLAMA_LIKE, head_dim=HEAD_DIM, **extra) for name, extra in LLAMA_LAYOUT.items()},
+    **FUSED_LAYOUT,
     "opt": {
         "hidden_size": D_MODEL,
         "ffn_dim": FFN,

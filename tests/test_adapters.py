@@ -42,7 +42,9 @@ def _family_qkv(view, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     kwargs = {"hidden_states": u, "attention_mask": None}
     if view.adapter.uses_position_embeddings:  # also NoPE layers of a RoPE model (SmolLM3): they ignore it
         rd = view.position.rotary_dim or view.shape.head_dim
-        kwargs["position_embeddings"] = (torch.ones(b, L, rd), torch.zeros(b, L, rd))
+        kwargs["position_embeddings"] = (torch.ones(b, L, rd), torch.zeros(b, L, rd))  # (cos, sin)
+        if view.adapter.family in ("gptj", "codegen"):  # (sin, cos), one entry per rotated pair
+            kwargs["position_embeddings"] = (torch.zeros(b, L, rd // 2), torch.ones(b, L, rd // 2))
     before = config._attn_implementation
     config._attn_implementation = "surgery_capture"
     try:
@@ -73,6 +75,39 @@ def test_registry_covers_every_random_family() -> None:
     assert set(FAMILIES) <= set(supported_families())
 
 
+# families whose attention computes its softmax itself (no AttentionInterface to capture q/k/v from):
+# their whole attention output is compared with one computed from AttentionWeights
+OWN_SOFTMAX = {"falcon": "head_dim", "gpt_neo": "unscaled"}
+
+
+def _reference_attention(w, u: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:  # noqa: ANN001
+    """Causal softmax attention (no RoPE) from the common layout: u (b, L, d) -> (b, L, d)."""
+    q, k, v = (_ours(w, u, n) for n in "qkv")  # (b, h, L, p), (b, g, L, p)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    L = u.shape[1]
+    allowed = torch.ones(L, L, dtype=torch.bool).tril()
+    if window is not None:
+        allowed &= ~torch.ones(L, L, dtype=torch.bool).tril(-window)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    y = scores.softmax(-1) @ v  # (b, h, L, p)
+    out = torch.einsum("dhp,bhlp->bld", w.o, y)
+    return out if w.o_bias is None else out + w.o_bias
+
+
+def _check_whole_attention(family: str, view, u: torch.Tensor) -> None:  # noqa: ANN001
+    s, w = view.shape, view.weights()
+    b, L, _ = u.shape
+    scale = 1.0 if OWN_SOFTMAX[family] == "unscaled" else s.head_dim**-0.5
+    if family == "falcon":
+        mask = torch.full((L, L), torch.finfo(u.dtype).min).triu(1)[None, None].expand(b, 1, L, L)
+        pe = (torch.ones(b, L, s.head_dim), torch.zeros(b, L, s.head_dim))  # identity RoPE
+        theirs, _ = view.module(u, alibi=None, attention_mask=mask, position_embeddings=pe)
+    else:
+        theirs, _ = view.module(u, attention_mask=None)
+    torch.testing.assert_close(theirs, _reference_attention(w, u, scale, view.sliding_window), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_weights_reproduce_family_projections(family: str) -> None:
     model = random_model(family)
@@ -83,6 +118,11 @@ def test_weights_reproduce_family_projections(family: str) -> None:
     s = view.shape
     w = view.weights()
     u = torch.randn(2, 5, s.d_model, generator=torch.Generator().manual_seed(0))  # (b, L, d)
+    if family in OWN_SOFTMAX:
+        u = torch.randn(2, 20, s.d_model, generator=torch.Generator().manual_seed(0))  # longer than the window
+        for v in views:  # every layer: GPT-Neo alternates global and local attention
+            _check_whole_attention(family, v, u)
+        return
     q, k, v = _family_qkv(view, u)
     attn = view.module
     eq, ek, ev = _ours(w, u, "q"), _ours(w, u, "k"), _ours(w, u, "v")
@@ -165,3 +205,32 @@ def test_no_structural_fallback() -> None:
     model.config.model_type = "llama_lookalike"
     with pytest.raises(UnsupportedModelError, match="no attention adapter for model_type 'llama_lookalike'"):
         get_adapter(model)
+
+
+@pytest.mark.parametrize(("family", "overrides", "kv_heads"), [
+    ("falcon", {"new_decoder_architecture": False, "multi_query": True}, 1),  # Falcon 7B
+    ("falcon", {"new_decoder_architecture": False, "multi_query": False, "num_kv_heads": 4}, 4),  # per head
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 1}, 1),
+    ("falcon", {"bias": True}, 2),
+])  # fmt: skip
+def test_falcon_layouts(family: str, overrides: dict, kv_heads: int) -> None:
+    view = get_adapter(random_model(family, **overrides)).attention_views()[1]
+    assert view.shape.n_kv_heads == kv_heads
+    u = torch.randn(2, 6, view.shape.d_model, generator=torch.Generator().manual_seed(3))
+    _check_whole_attention(family, view, u)
+
+
+def test_gpt_bigcode_without_multi_query() -> None:
+    """multi_query=False: c_attn rows interleave per head, like GPT-NeoX."""
+    view = get_adapter(random_model("gpt_bigcode", multi_query=False)).attention_views()[0]
+    assert view.shape.n_kv_heads == 4
+    u = torch.randn(1, 4, view.shape.d_model)
+    q, k, v = _family_qkv(view, u)
+    w = view.weights()
+    for theirs, which in ((q, "q"), (k, "k"), (v, "v")):
+        torch.testing.assert_close(theirs, _ours(w, u, which), rtol=1e-5, atol=1e-6)
+
+
+def test_falcon_alibi_and_mpt_are_refused_by_name() -> None:
+    with pytest.raises(UnsupportedModelError, match="alibi=True .* would read them as padding"):
+        get_adapter(random_model("falcon", alibi=True))

@@ -23,7 +23,8 @@ import surgery
 from surgery.cli import main
 from surgery.options import ApplyOptions
 from surgery.pipeline import apply
-from surgery.random_models import LLAMA_LAYOUT, random_model
+from rewrites.adapters import get_adapter
+from surgery.random_models import FUSED_LAYOUT, LLAMA_LAYOUT, random_model
 from surgery.recipe import Recipe
 from surgery.tokenizers import byte_tokenizer
 
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 ONE_STEP = [f"stages.stage{s}.{k}={v}" for s in (1, 2, 3) for k, v in (("tokens", 128), ("tokens_per_step", 128))]
 ONE_STEP += ["verify.tokens=128"]
-ACCEPTED = sorted(LLAMA_LAYOUT)
+ACCEPTED = sorted(LLAMA_LAYOUT) + sorted(FUSED_LAYOUT)
 REL = 1e-4  # cached vs recomputed logits, relative to the largest logit
 
 
@@ -85,9 +86,10 @@ def test_apply_load_and_cached_generation(tmp_path: Path, family: str) -> None:
     recipe = Recipe.load(TINY, [f"teacher.model={d}", f"output.dir={tmp_path / 'student'}", *ONE_STEP])
     out = apply(recipe, ApplyOptions())
     student = surgery.load(out)
-    assert type(student.get_submodule("model.layers.3.self_attn")).__name__ == "DiscreteMamba2"
+    paths = [get_adapter(student).attention_path(i) for i in range(4)]
+    assert {type(student.get_submodule(p)).__name__ for p in paths} == {"DiscreteMamba2"}
     report = json.loads((out / "report.json").read_text())
-    assert set(report["stage1"]["per_node"]) == {f"model.layers.{i}.self_attn" for i in range(4)}
+    assert set(report["stage1"]["per_node"]) == set(paths)
     check_cached_generation(student)
 
 

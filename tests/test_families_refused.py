@@ -145,3 +145,22 @@ def test_plugin_adapter_is_found_in_a_fresh_process(tmp_path: Path) -> None:
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["loaded", "DiscreteMamba2"]
+
+
+def test_directory_without_tokenizer_files_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers builds an empty GPT-2 tokenizer for it; refused, not 'only 9 held-out tokens' later."""
+    from surgery.random_models import random_model
+
+    d = tmp_path / "no-tokenizer"
+    random_model("gpt_neo").save_pretrained(d)  # its tokenizer class builds an empty vocabulary
+    for err in refused(tmp_path, d, capsys):
+        assert f"teacher directory '{d}' has no tokenizer files" in err and "tokenizer.json" in err
+
+
+def test_readme_names_every_family_and_refusal() -> None:
+    from rewrites.adapters import REFUSED, supported_families
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Supported families") : text.index("## Shipped recipes")]
+    for name in [*supported_families(), *REFUSED]:
+        assert f" {name}," in section or f" {name} " in section or f"| {name}" in section, name

@@ -182,6 +182,35 @@ def _bias(linear: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
+def weights_from_rows(
+    s: AttentionShape,
+    q: torch.Tensor,  # (h*p, d): rows of W_Q, head-major
+    k: torch.Tensor,  # (g*p, d)
+    v: torch.Tensor,  # (g*p, d)
+    o: torch.Tensor,  # (d, h*p): W_O as an nn.Linear weight
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None,) * 4,
+) -> AttentionWeights:
+    """:class:`AttentionWeights` (detached copies) from ``nn.Linear``-style row blocks, whatever fused them."""
+    h, g, p, d = s.n_heads, s.n_kv_heads, s.head_dim, s.d_model
+    qb, kb, vb, ob = (None if b is None else b.detach() for b in biases)
+    return AttentionWeights(
+        shape=s,
+        q=q.detach().reshape(h, p, d).clone(),  # (h*p, d) -> (h, p, d)
+        k=k.detach().reshape(g, p, d).clone(),  # (g*p, d) -> (g, p, d)
+        v=v.detach().reshape(g, p, d).clone(),
+        o=o.detach().reshape(d, h, p).clone(),  # (d, h*p) -> (d, h, p)
+        q_bias=None if qb is None else qb.reshape(h, p).clone(),
+        k_bias=None if kb is None else kb.reshape(g, p).clone(),
+        v_bias=None if vb is None else vb.reshape(g, p).clone(),
+        o_bias=None if ob is None else ob.clone(),
+    )
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states: the tensor, or the first entry of the tuple some families return."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class FamilyAdapter:
     """Base adapter: separate ``q_proj``/``k_proj``/``v_proj`` ``nn.Linear`` projections.
 
@@ -208,6 +237,10 @@ class FamilyAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+
+    def refusal(self) -> str | None:
+        """Why this model cannot be converted although its family can (a config option), else None."""
+        return None
 
     # ------------------------------------------------------------------ where things are
 
@@ -435,5 +468,9 @@ def get_adapter(model: nn.Module) -> FamilyAdapter:
     _load_builtin_adapters()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ADAPTERS:
-        return ADAPTERS[model_type](model)
+        adapter = ADAPTERS[model_type](model)
+        why = adapter.refusal()
+        if why:
+            raise UnsupportedModelError(f"this {model_type} model cannot be converted: {why}")
+        return adapter
     raise UnsupportedModelError(unsupported_message(model_type))

@@ -22,6 +22,11 @@ REFUSED.update({
         "residual + attention), so a mixer in its place would silently drop the residual stream; supporting it "
         "needs an adapter hook that wraps the mixer as 'residual + mixer(x)' and a rebuilt-student check of it"
     ),
+    "mpt": (
+        "MptAttention reads its mask inverted (a boolean mask where True means masked, from .to(torch.bool) of an "
+        "additive mask) and takes ALiBi as a separate position_bias; a mixer in its place would read every token "
+        "as padding. Supporting it needs the adapter contract to hand mixers a mask in transformers' convention"
+    ),
     "deepseek_v2": _MLA,
     "deepseek_v3": _MLA,
 })
