@@ -115,3 +115,25 @@ def test_students_load_in_a_fresh_process(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok", str(len(ACCEPTED))]
+
+
+@pytest.mark.parametrize("family", ACCEPTED + ["llama", "gpt2", "gpt_neox", "opt", "phi"])
+def test_mixers_see_every_token_inside_the_family_model(family: str) -> None:
+    """What a family hands its attention (mask, positions, cache) leaves an unpadded batch whole for the mixer:
+    each mixer's output inside the model equals the mixer called on the same input alone."""
+    student, _ = surgery.rewrite(random_model(family), [{"type": "attention", "mixer": "discrete_mamba2",
+                                                         "params": {"d_state": 8, "chunk_size": 4}}])
+    paths = [get_adapter(student).attention_path(i) for i in range(4)]
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [student.get_submodule(p).register_forward_hook(
+        lambda m, args, kwargs, out, p=p: seen.__setitem__(p, (kwargs.get("hidden_states", args[0] if args else None),
+                                                               out[0])), with_kwargs=True) for p in paths]
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        student(ids, attention_mask=torch.ones_like(ids))
+        for h in hooks:
+            h.remove()
+        for p in paths:
+            u, inside = seen[p]
+            alone, _ = student.get_submodule(p)(hidden_states=u)
+            assert rel_err(inside, alone) < 1e-5, p

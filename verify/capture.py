@@ -69,17 +69,29 @@ def record_calls(model: nn.Module, paths: list[str], outputs: bool = False) -> I
             handle.remove()
 
 
+def can_switch_attention(model: nn.Module) -> bool:
+    """Whether transformers lets ``model`` change its attention implementation at run time (it warns and
+    does nothing for families whose attention does not go through the ``AttentionInterface``)."""
+    ask = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(ask()) if callable(ask) else True
+
+
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with eager attention (which returns probabilities) inside the block."""
     config = model.config
     before = config._attn_implementation
-    if before != "eager":
+    if before != "eager" and can_switch_attention(model):
         model.set_attn_implementation("eager")
+    forced = config._attn_implementation != "eager"  # Falcon: no dynamic switch; its attention reads the config
+    if forced:
+        config._attn_implementation = "eager"
     try:
         yield
     finally:
-        if before != "eager":
+        if forced:
+            config._attn_implementation = before
+        elif before != "eager":
             model.set_attn_implementation(before)
 
 
@@ -209,9 +221,15 @@ def record_attention_qk(model: nn.Module, paths: list[str]) -> Iterator[dict[str
     _register_recording()
     sink: dict[str, AttentionQK] = {}
     before = model.config._attn_implementation
+    if not can_switch_attention(model):  # its attention never calls the AttentionInterface (Falcon, GPT-Neo)
+        yield sink
+        return
     try:
         model.set_attn_implementation(RECORDING_IMPLEMENTATION)
     except (ValueError, NotImplementedError):  # a family without AttentionInterface support: nothing is recorded
+        yield sink
+        return
+    if model.config._attn_implementation != RECORDING_IMPLEMENTATION:  # refused with a warning (Falcon)
         yield sink
         return
     for path in paths:
