@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 
 from rewrites.adapters import UnsupportedModelError, get_adapter, supported_families
 from surgery.random_models import FAMILIES, random_model
+from verify.capture import can_switch_attention
 
 pytestmark = pytest.mark.hf_contract  # also run on the oldest supported and the newest transformers (.ci/run)
 
@@ -98,11 +99,13 @@ def _reference_attention(w, u: torch.Tensor, scale: float, window: int | None) -
 def _check_whole_attention(family: str, view, u: torch.Tensor) -> None:  # noqa: ANN001
     s, w = view.shape, view.weights()
     b, L, _ = u.shape
-    scale = 1.0 if OWN_SOFTMAX[family] == "unscaled" else s.head_dim**-0.5
+    scale = 1.0 if OWN_SOFTMAX.get(family) == "unscaled" else s.head_dim**-0.5
+    mask = torch.full((L, L), torch.finfo(u.dtype).min).triu(1)[None, None].expand(b, 1, L, L)
     if family == "falcon":
-        mask = torch.full((L, L), torch.finfo(u.dtype).min).triu(1)[None, None].expand(b, 1, L, L)
         pe = (torch.ones(b, L, s.head_dim), torch.zeros(b, L, s.head_dim))  # identity RoPE
         theirs, _ = view.module(u, alibi=None, attention_mask=mask, position_embeddings=pe)
+    elif family in ("gptj", "codegen"):  # transformers < 5.24: rotary from position_ids; position 0 rotates by 0
+        theirs, _ = view.module(u, attention_mask=mask, position_ids=torch.zeros(b, L, dtype=torch.long))
     else:
         theirs, _ = view.module(u, attention_mask=None)
     torch.testing.assert_close(theirs, _reference_attention(w, u, scale, view.sliding_window), rtol=1e-5, atol=1e-6)
@@ -118,7 +121,7 @@ def test_weights_reproduce_family_projections(family: str) -> None:
     s = view.shape
     w = view.weights()
     u = torch.randn(2, 5, s.d_model, generator=torch.Generator().manual_seed(0))  # (b, L, d)
-    if family in OWN_SOFTMAX:
+    if family in OWN_SOFTMAX or not can_switch_attention(model):
         u = torch.randn(2, 20, s.d_model, generator=torch.Generator().manual_seed(0))  # longer than the window
         for v in views:  # every layer: GPT-Neo alternates global and local attention
             _check_whole_attention(family, v, u)
