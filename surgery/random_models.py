@@ -3,6 +3,8 @@
 Used by tests, dry runs and ``recipes/tiny.yaml``: 4 layers, d_model 64,
 4 query heads and (where the family has grouped-query attention) 2 key/value
 heads, a 320-entry vocabulary matching :func:`surgery.tokenizers.byte_tokenizer`.
+:data:`LLAMA_LAYOUT` and :data:`FUSED_LAYOUT` name the families added for teacher
+coverage, each configured with the options that set it apart switched on.
 Weights come from the family's own initialiser under a fixed per-family seed,
 so ``random:llama`` is the same model in every process.
 """

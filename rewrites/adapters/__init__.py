@@ -8,11 +8,13 @@ from .base import (
     FamilyAdapter,
     PositionInfo,
     UnsupportedModelError,
+    first_output,
     get_adapter,
     refusal,
     register_adapter,
     supported_families,
     unsupported_message,
+    weights_from_rows,
 )
 
 __all__ = [
@@ -23,9 +25,11 @@ __all__ = [
     "FamilyAdapter",
     "PositionInfo",
     "UnsupportedModelError",
+    "first_output",
     "get_adapter",
     "refusal",
     "register_adapter",
     "supported_families",
     "unsupported_message",
+    "weights_from_rows",
 ]

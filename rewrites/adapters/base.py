@@ -215,8 +215,10 @@ class FamilyAdapter:
     """Base adapter: separate ``q_proj``/``k_proj``/``v_proj`` ``nn.Linear`` projections.
 
     Subclasses set the class attributes (the layer call: :attr:`layer_kwargs`,
-    :attr:`takes_position_embeddings`) and override :meth:`weights`, or :meth:`call_layer`
-    when the family passes positional arguments (GPT-2), where their family differs.
+    :attr:`takes_position_embeddings`) and override :meth:`shape` and :meth:`weights` (fused
+    layouts: :func:`weights_from_rows`), :meth:`call_layer` when the family passes other
+    arguments (GPT-2, Falcon), or :meth:`refusal` for configs of the family that cannot be
+    converted (Falcon with ALiBi), where their family differs.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
