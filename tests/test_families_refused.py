@@ -164,3 +164,25 @@ def test_readme_names_every_family_and_refusal() -> None:
     section = text[text.index("## Supported families") : text.index("## Shipped recipes")]
     for name in [*supported_families(), *REFUSED]:
         assert f" {name}," in section or f" {name} " in section or f"| {name}" in section, name
+
+
+def test_unrebuildable_student_is_refused_before_stage_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever would make surgery.load fail on the saved student stops apply before any training."""
+    import surgery.rewriter
+    from verify.runner import StageRunner
+
+    def broken_splice(model, nodes):  # noqa: ANN001, ANN202 - stands for any rebuild failure
+        raise KeyError("simulated: this node's mixer does not rebuild from its params")
+
+    def no_training(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a stage started")
+
+    monkeypatch.setattr(surgery.rewriter, "splice", broken_splice)
+    monkeypatch.setattr(StageRunner, "run", no_training)
+    out = tmp_path / "student"
+    assert main(["apply", str(TINY), "teacher.model=random:qwen2_moe", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "the qwen2_moe student this recipe builds could not be loaded back" in err
+    assert "simulated: this node's mixer does not rebuild" in err and "nothing was trained or written" in err
+    assert not out.exists() and not out.with_name("student.partial").exists()
