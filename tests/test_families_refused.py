@@ -74,7 +74,7 @@ def test_family_without_adapter_says_how_to_add_one(tmp_path: Path, capsys: pyte
 
 
 def test_adapter_registered_by_user_code_is_refused_before_training(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """surgery.load in another process would not find it: refused before stage 1, not after stage 3."""
 
@@ -86,6 +86,19 @@ def test_adapter_registered_by_user_code_is_refused_before_training(
         for err in refused(tmp_path, saved(tmp_path, "arcee"), capsys):
             assert "registered by code this process ran" in err and "'surgery.adapters'" in err
             assert "nothing was trained or written" in err
+        import logging
+
+        import surgery
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("arcee", **ARCEE))
+        student, plan = surgery.rewrite(model, [{"type": "attention", "mixer": "discrete_mamba2"}])
+        log = logging.getLogger("surgery")  # the CLI's configuration stops it propagating
+        log.addHandler(caplog.handler)
+        try:
+            surgery.save(student, tmp_path / "api-student", plan=plan, tokenizer=byte_tokenizer())
+        finally:
+            log.removeHandler(caplog.handler)
+        assert "surgery.load in another process would not find it" in caplog.text  # the Python API warns
     finally:
         del ADAPTERS["arcee"]
 
