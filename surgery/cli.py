@@ -10,6 +10,7 @@ import neither torch nor transformers, so they answer in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -171,11 +172,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args)  # a bad recipe is refused before torch is imported
     opts = options_from_args(PlanOptions, args)
     from .log import quiet_libraries
-    from .rewriter import plan
+    from .rewriter import plan, splice
+    from .student.prebuild import check_rebuildable
 
     quiet_libraries(args.verbose)
     model, rules, choice = _teacher_and_rules(recipe)
     result = plan(model, rules)
+    student = splice(copy.deepcopy(model), result.nodes())  # the student's module tree (on meta for a skeleton)
+    check_rebuildable(student, result, recipe.output.dir)  # what apply would otherwise find after training
     if opts.format == "json":
         _write(json.dumps(result.to_dict() | ({"layer_choice": choice.to_dict()} if choice else {}), indent=2), None)
     else:

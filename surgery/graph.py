@@ -77,7 +77,8 @@ class _BlockTracer(fx.Tracer):
         if module_qualified_name == self.attention_qualname or isinstance(m, Mixer):
             return True
         if self.leaves == "children" and module_qualified_name.count(".") == 1:
-            return True
+            # a child holding the attention deeper down (GPT-Neo's attn.attention) is traced through
+            return not self.attention_qualname.startswith(module_qualified_name + ".")
         return super().is_leaf_module(m, module_qualified_name)
 
 

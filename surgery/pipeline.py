@@ -109,6 +109,7 @@ class Run:
     def setup(self) -> None:
         from .data import Corpus, check_repeats, heldout_batches
         from .rewriter import rewrite
+        from .student.prebuild import check_rebuildable
         from .teacher import load_teacher
 
         self.check_paths()
@@ -125,6 +126,7 @@ class Run:
                                         progress=not quiet())
             rules = self._resolve_layers()
             self.student, self.plan = rewrite(self.teacher.model, rules)
+            check_rebuildable(self.student, self.plan, self.out)  # what surgery.load needs, before any training
             self.nodes = replaced_nodes(self.student)
             self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet(), sampler=self._sampler())
         self.ranks.broadcast_module(self.student)  # distributed: replicas start from rank 0's weights

@@ -133,8 +133,9 @@ class Plan:
         delta = self.total_after - self.total_before
         pct = 100.0 * delta / self.total_before if self.total_before else 0.0
         lines.append("")
+        adapter = next((e.attention.get("adapter") for e in self.entries if e.attention.get("adapter")), None)
         lines.append(
-            f"{self.family}: {s['attention_nodes']} attention nodes; replaced {s['replaced']} ({mixers}), "
+            f"{self.family}{f' (adapter {adapter})' if adapter else ''}: {s['attention_nodes']} attention nodes; replaced {s['replaced']} ({mixers}), "
             f"kept {s['kept']}, unchanged {s['unchanged']}. "
             f"Parameters {_n(self.total_before)} -> {_n(self.total_after)} ({delta:+,}, {pct:+.1f}%)."
         )

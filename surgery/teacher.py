@@ -231,6 +231,8 @@ def load_teacher_skeleton(
         config = _wrap_load(model_ref, lambda: AutoConfig.from_pretrained(parsed.name, trust_remote_code=trust))
         with contextlib.suppress(Exception):
             tokenizer = AutoTokenizer.from_pretrained(parsed.name, trust_remote_code=trust)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, model_ref)
     else:
         config = _hub_call(
             model_ref, parsed, lambda **kw: AutoConfig.from_pretrained(parsed.name, trust_remote_code=trust, **kw)
@@ -357,7 +359,18 @@ def _load_local(ref: str, parsed: _Ref, dtype: torch.dtype, attn: str | None, tr
             f"teacher directory {ref!r} has no loadable tokenizer ({type(err).__name__}: {err}); "
             "copy the tokenizer files (tokenizer.json, tokenizer_config.json) next to config.json"
         ) from None
+    check_tokenizer(tokenizer, ref)
     return Teacher(model, tokenizer, ref, parsed.name, None, model.config.model_type, {"kind": "local"})
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, ref: str) -> None:
+    """Refuse the empty tokenizer transformers builds for a directory without tokenizer files (GPT-2 classes)."""
+    if len(tokenizer) <= 1 or not tokenizer("hello world", add_special_tokens=False).input_ids:
+        raise TeacherError(
+            f"teacher directory {ref!r} has no tokenizer files (transformers built an empty {type(tokenizer).__name__} "
+            f"with {len(tokenizer)} token(s)); copy the tokenizer files of the model it came from "
+            "(tokenizer.json, tokenizer_config.json, or vocab.json and merges.txt) next to config.json"
+        )
 
 
 # --------------------------------------------------------------------------- hub

@@ -50,7 +50,8 @@ def test_matrix_squared_distance_is_the_frobenius_formula() -> None:
     assert torch.allclose(attention_probs(q, k, 0.3)[bi, hi], P, atol=1e-14)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt", "phi", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt", "phi", "gpt_neox", "granite", "olmo2", "cohere",
+                                    "smollm3"])
 @pytest.mark.parametrize("mixer", ["discrete_mamba2", "mamba2"])
 def test_factored_stage1_equals_replayed_attention(family: str, mixer: str) -> None:
     teacher = random_model(family).eval()
@@ -78,6 +79,20 @@ def test_factored_stage1_equals_replayed_attention(family: str, mixer: str) -> N
                     assert rel(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("L", [9, 24])  # shorter and longer than Gemma2's window of 16
+def test_recording_softcapped_attention_equals_eager(L: int) -> None:
+    """Gemma2 soft-caps its attention logits (SDPA cannot): the recording pass computes them itself."""
+    teacher = random_model("gemma2").eval()
+    ids = torch.randint(3, 300, (2, L), generator=torch.Generator().manual_seed(2))
+    paths = [f"model.layers.{i}.self_attn" for i in range(4)]
+    with record_attention_qk(teacher, paths) as qk:
+        recorded = teacher(ids, use_cache=False).logits
+    assert not any(q.plain for q in qk.values()) and "softcap" in qk[paths[1]].why
+    with eager_attention(teacher):
+        eager = teacher(ids, use_cache=False).logits
+    assert rel(recorded, eager) < 1e-5
+
+
 def test_stage1_switches_to_replay_for_a_window_shorter_than_the_sequence() -> None:
     teacher = random_model("gemma3_text").eval()  # sliding window 16 on its sliding layers
     student = naive_student(teacher).eval()
@@ -87,6 +102,23 @@ def test_stage1_switches_to_replay_for_a_window_shorter_than_the_sequence() -> N
     long = objective.train_step(torch.randint(3, 300, (1, 24)), 1.0)
     assert not objective.factored and "sliding window of 16 < 24" in objective.replayed_because
     assert torch.isfinite(long["loss"])
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "falcon"])
+def test_stage1_replays_attention_that_never_calls_the_interface(family: str) -> None:
+    """GPT-Neo and Falcon compute their softmax themselves: no q/k recorded, stage 1 replays the eager attention."""
+    teacher = random_model(family).eval()
+    teacher.config._attn_implementation = "sdpa"  # as loaded from a directory; Falcon cannot switch at run time
+    student = naive_student(teacher).eval()
+    nodes = replaced_nodes(student)
+    objective = MatrixOrientation(teacher, student, nodes)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(5))
+    loss = objective.train_step(ids, 1.0)["loss"]
+    assert not objective.factored and "does not call transformers' AttentionInterface" in objective.replayed_because
+    with eager_attention(teacher):  # the same loss, replayed by hand
+        recorded = run_teacher(teacher, ids, attention_paths=[n.path for n in nodes])
+        by_hand = torch.stack([node_distance(teacher, student, n, recorded.attention[n.path]).mean() for n in nodes])
+    assert rel(loss, by_hand.mean()) < 1e-5
 
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3])

@@ -32,7 +32,9 @@ HYBRID = [{"layers": "::4", "mixer": "keep"}, {"mixer": MIX}]
 
 
 def _eight(family: str) -> torch.nn.Module:
-    return random_model(family, **({"n_layer": 8} if family == "gpt2" else {"num_hidden_layers": 8}))
+    eight = {"gpt2": {"n_layer": 8}, "gptj": {"n_layer": 8}, "codegen": {"n_layer": 8}, "gpt_bigcode": {"n_layer": 8},
+             "gpt_neo": {"num_layers": 8, "attention_types": [[["global", "local"], 4]]}}
+    return random_model(family, **eight.get(family, {"num_hidden_layers": 8}))
 
 
 def _ids(b: int = 2, L: int = 7) -> torch.Tensor:

@@ -69,17 +69,29 @@ def record_calls(model: nn.Module, paths: list[str], outputs: bool = False) -> I
             handle.remove()
 
 
+def can_switch_attention(model: nn.Module) -> bool:
+    """Whether transformers lets ``model`` change its attention implementation at run time (it warns and
+    does nothing for families whose attention does not go through the ``AttentionInterface``)."""
+    ask = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(ask()) if callable(ask) else True
+
+
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with eager attention (which returns probabilities) inside the block."""
     config = model.config
     before = config._attn_implementation
-    if before != "eager":
+    if before != "eager" and can_switch_attention(model):
         model.set_attn_implementation("eager")
+    forced = config._attn_implementation != "eager"  # Falcon: no dynamic switch; its attention reads the config
+    if forced:
+        config._attn_implementation = "eager"
     try:
         yield
     finally:
-        if before != "eager":
+        if forced:
+            config._attn_implementation = before
+        elif before != "eager":
             model.set_attn_implementation(before)
 
 
@@ -157,7 +169,37 @@ def _recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         scale = kwargs.get("scaling")
         sink[path] = AttentionQK(query.detach(), key.detach(), float(query.shape[-1] ** -0.5 if scale is None else scale),
                                  why is None, why)
+    if kwargs.get("softcap") is not None:  # Gemma2: SDPA has no soft-capping
+        return _softcapped_attention(query, key, value, attention_mask, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """``softmax(cap * tanh(scale q k^T / cap) + mask) v`` in plain torch, shaped like SDPA's output ``(b, L, h, p)``.
+
+    ``attention_mask``: what the recording mask function (``sdpa_mask``) built, a boolean ``(b, 1, L, S)``
+    (True: attend), or None for a plain causal mask.
+    """
+    b, h, L, p = query.shape
+    S = key.shape[2]
+    rep = h // key.shape[1]
+    k = key.repeat_interleave(rep, dim=1)  # (b, g, S, p) -> (b, h, S, p)
+    v = value.repeat_interleave(rep, dim=1)
+    scale = kwargs.get("scaling") or p**-0.5
+    cap = float(kwargs["softcap"])
+    scores = torch.tanh(query @ k.transpose(-1, -2) * scale / cap) * cap  # (b, h, L, S)
+    if attention_mask is None:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L)  # causal, queries last
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :S]
+    else:
+        scores = scores + attention_mask[..., :S]
+        allowed = None
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = scores.float().softmax(dim=-1).to(query.dtype)
+    return (probs @ v).transpose(1, 2).contiguous(), None  # (b, h, L, p) -> (b, L, h, p)
 
 
 def _register_recording() -> None:
@@ -170,13 +212,28 @@ def _register_recording() -> None:
 
 @contextmanager
 def record_attention_qk(model: nn.Module, paths: list[str]) -> Iterator[dict[str, AttentionQK]]:
-    """Within the block, ``model`` runs SDPA attention and records ``q``/``k`` of the attention modules at ``paths``."""
+    """Within the block, ``model`` runs SDPA attention and records ``q``/``k`` of the attention modules at ``paths``.
+
+    A path whose attention never calls the ``AttentionInterface`` (or a model that refuses the
+    recording implementation) is absent from the yielded dict; the caller falls back to replaying
+    the eager attention (:class:`~verify.stage1_matrix.MatrixOrientation`).
+    """
     _register_recording()
     sink: dict[str, AttentionQK] = {}
     before = model.config._attn_implementation
+    if not can_switch_attention(model):  # its attention never calls the AttentionInterface (Falcon, GPT-Neo)
+        yield sink
+        return
+    try:
+        model.set_attn_implementation(RECORDING_IMPLEMENTATION)
+    except (ValueError, NotImplementedError):  # a family without AttentionInterface support: nothing is recorded
+        yield sink
+        return
+    if model.config._attn_implementation != RECORDING_IMPLEMENTATION:  # refused with a warning (Falcon)
+        yield sink
+        return
     for path in paths:
         _RECORDING[id(model.get_submodule(path))] = (path, sink)
-    model.set_attn_implementation(RECORDING_IMPLEMENTATION)
     try:
         yield sink
     finally:

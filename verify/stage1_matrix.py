@@ -32,6 +32,11 @@ from .capture import AttentionQK, Call, eager_attention, record_attention_qk, ru
 from .objective import Node, Objective
 
 
+# why a node's q/k were not recorded: its attention computes the softmax itself (BLOOM, MPT, GPT-Neo, Falcon's
+# own paths) instead of calling transformers' AttentionInterface; stage 1 then replays its eager attention
+NOT_RECORDED = "its attention does not call transformers' AttentionInterface, so q/k could not be recorded"
+
+
 def matrix_distance(student_matrix: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """Frobenius distance per (batch, head): ``(b, h, L, L) x2 -> (b, h)``."""
     return torch.linalg.matrix_norm(student_matrix.float() - teacher_probs.float(), ord="fro")
@@ -101,7 +106,8 @@ class MatrixOrientation(Objective):
         if self.factored:
             with record_attention_qk(self.teacher, paths) as qk:
                 recorded = run_teacher(self.teacher, input_ids, attention_paths=paths)
-            not_plain = [f"{p}: {qk[p].why}" for p in paths if not qk[p].plain]
+            not_plain = [f"{p}: {qk[p].why}" if p in qk else f"{p}: {NOT_RECORDED}" for p in paths
+                         if p not in qk or not qk[p].plain]
             if not not_plain:
                 return self._backward(lambda node: factored_distance(
                     self.student.get_submodule(node.path), recorded.attention[node.path].hidden_states, qk[node.path]),

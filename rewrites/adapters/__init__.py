@@ -2,22 +2,34 @@
 
 from .base import (
     ADAPTERS,
+    ENTRY_POINT_GROUP,
+    REFUSED,
     AttentionView,
     FamilyAdapter,
     PositionInfo,
     UnsupportedModelError,
+    first_output,
     get_adapter,
+    refusal,
     register_adapter,
     supported_families,
+    unsupported_message,
+    weights_from_rows,
 )
 
 __all__ = [
     "ADAPTERS",
+    "ENTRY_POINT_GROUP",
+    "REFUSED",
     "AttentionView",
     "FamilyAdapter",
     "PositionInfo",
     "UnsupportedModelError",
+    "first_output",
     "get_adapter",
+    "refusal",
     "register_adapter",
     "supported_families",
+    "unsupported_message",
+    "weights_from_rows",
 ]

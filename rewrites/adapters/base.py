@@ -12,14 +12,20 @@ An adapter answers, for one loaded model (real or on the ``meta`` device):
   that a layer can be traced and run on its own.
 
 Adapters register by ``model_type`` with :func:`register_adapter`; adding a
-family is one adapter class in its own module. :func:`get_adapter` picks the
-adapter for a model, falling back to the Llama layout for unknown families
-whose module tree looks like Llama's.
+family is one adapter class in its own module: every module of this package is
+imported on first use (no list to edit), and so is every entry point of the
+group ``surgery.adapters`` (:data:`ENTRY_POINT_GROUP`), so that a student built
+with a third-party adapter loads in a fresh process. :func:`get_adapter` picks
+the adapter by ``config.model_type`` and refuses a family it has none for (no
+structural guessing: a model that merely looks like Llama may call, cache or
+rebuild differently). Families that cannot be converted by design are listed in
+:data:`REFUSED` with the reason, which the refusal names.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -59,6 +65,7 @@ class PositionInfo:
     rope_theta: float | None = None
     rotary_dim: int | None = None  # dims of each head that rotate (partial RoPE: < head_dim)
     rope_type: str | None = None  # "default", "linear", "llama3", "yarn", ...
+    interleaved: bool | None = None  # True: RoPE rotates pairs (x0, x1), (x2, x3) (Cohere, GLM, GPT-J)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -107,6 +114,11 @@ class AttentionView:
         return self.adapter.has_qk_norm(self.module)
 
     @property
+    def qk_norm_scope(self) -> str | None:
+        """``"head"`` (a norm per head), ``"all_heads"`` (one norm over ``n_heads * head_dim``: OLMo2) or None."""
+        return self.adapter.qk_norm_scope(self.module)
+
+    @property
     def sliding_window(self) -> int | None:
         """Window size if this layer uses sliding-window attention, else None."""
         return self.adapter.sliding_window(self.layer)
@@ -136,12 +148,13 @@ class AttentionView:
             "path": self.path,
             "layer": self.layer,
             "type": self.type,
+            "adapter": type(self.adapter).__name__,
             "d_model": s.d_model,
             "n_heads": s.n_heads,
             "n_kv_heads": s.n_kv_heads,
             "head_dim": s.head_dim,
             "position": self.position.to_dict(),
-            "qk_norm": self.qk_norm,
+            "qk_norm": self.qk_norm_scope or False,
             "sliding_window": self.sliding_window,
         }
 
@@ -169,12 +182,43 @@ def _bias(linear: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
+def weights_from_rows(
+    s: AttentionShape,
+    q: torch.Tensor,  # (h*p, d): rows of W_Q, head-major
+    k: torch.Tensor,  # (g*p, d)
+    v: torch.Tensor,  # (g*p, d)
+    o: torch.Tensor,  # (d, h*p): W_O as an nn.Linear weight
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None,) * 4,
+) -> AttentionWeights:
+    """:class:`AttentionWeights` (detached copies) from ``nn.Linear``-style row blocks, whatever fused them."""
+    h, g, p, d = s.n_heads, s.n_kv_heads, s.head_dim, s.d_model
+    qb, kb, vb, ob = (None if b is None else b.detach() for b in biases)
+    return AttentionWeights(
+        shape=s,
+        q=q.detach().reshape(h, p, d).clone(),  # (h*p, d) -> (h, p, d)
+        k=k.detach().reshape(g, p, d).clone(),  # (g*p, d) -> (g, p, d)
+        v=v.detach().reshape(g, p, d).clone(),
+        o=o.detach().reshape(d, h, p).clone(),  # (d, h*p) -> (d, h, p)
+        q_bias=None if qb is None else qb.reshape(h, p).clone(),
+        k_bias=None if kb is None else kb.reshape(g, p).clone(),
+        v_bias=None if vb is None else vb.reshape(g, p).clone(),
+        o_bias=None if ob is None else ob.clone(),
+    )
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states: the tensor, or the first entry of the tuple some families return."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class FamilyAdapter:
     """Base adapter: separate ``q_proj``/``k_proj``/``v_proj`` ``nn.Linear`` projections.
 
     Subclasses set the class attributes (the layer call: :attr:`layer_kwargs`,
-    :attr:`takes_position_embeddings`) and override :meth:`weights`, or :meth:`call_layer`
-    when the family passes positional arguments (GPT-2), where their family differs.
+    :attr:`takes_position_embeddings`) and override :meth:`shape` and :meth:`weights` (fused
+    layouts: :func:`weights_from_rows`), :meth:`call_layer` when the family passes other
+    arguments (GPT-2, Falcon), or :meth:`refusal` for configs of the family that cannot be
+    converted (Falcon with ALiBi), where their family differs.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -195,6 +239,10 @@ class FamilyAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+
+    def refusal(self) -> str | None:
+        """Why this model cannot be converted although its family can (a config option), else None."""
+        return None
 
     # ------------------------------------------------------------------ where things are
 
@@ -287,7 +335,19 @@ class FamilyAdapter:
         )
 
     def has_qk_norm(self, attn: nn.Module) -> bool:
-        return any(getattr(attn, n, None) is not None for n in ("q_norm", "q_layernorm"))
+        return self.qk_norm_scope(attn) is not None
+
+    def qk_norm_scope(self, attn: nn.Module) -> str | None:
+        """``"head"``, ``"all_heads"`` or None: how the family normalises q (and k) before RoPE."""
+        norm = next((getattr(attn, n) for n in ("q_norm", "q_layernorm") if getattr(attn, n, None) is not None), None)
+        if norm is None:
+            return None
+        weight = getattr(norm, "weight", None)
+        if weight is None and isinstance(getattr(norm, "norms", None), nn.ModuleList):  # StableLM: one per head
+            return "head"
+        s = self.shape(attn)
+        over_all = weight is not None and weight.dim() == 1 and s.n_heads > 1 and weight.numel() == s.n_heads * s.head_dim
+        return "all_heads" if over_all else "head"  # Cohere's weight is (h, p): still one norm per head, over p
 
     def layer_type(self, layer_idx: int) -> str | None:
         types = getattr(self.config, "layer_types", None)
@@ -342,20 +402,42 @@ def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
-def _looks_llama_like(model: nn.Module) -> bool:
-    try:
-        layers = model.get_submodule("model.layers")
-        attn = layers[0].get_submodule("self_attn")
-    except (AttributeError, IndexError, TypeError):
-        return False
-    return all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+ENTRY_POINT_GROUP = "surgery.adapters"  # third-party adapters: an entry point whose module registers them
+
+# model_type -> why the family cannot be converted (named in the refusal, and in the README's family table)
+REFUSED: dict[str, str] = {}
+
+PLUGIN_MODULES: set[str] = set()  # modules loaded from entry points (their adapters load in any process)
+_discovered = False
 
 
 def _load_builtin_adapters() -> None:
+    """Import every module of this package, then every ``surgery.adapters`` entry point (once per process)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
     import importlib
+    import logging
+    import pkgutil
+    from importlib.metadata import entry_points
 
-    for name in ("llama", "phi", "opt", "gpt2", "gpt_neox"):
-        importlib.import_module(f"rewrites.adapters.{name}")
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()  # importing the module registers its adapters
+            PLUGIN_MODULES.add(ep.module)
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not hide the built-in families
+            logging.getLogger("surgery").warning("adapter plugin %s (%s) failed to load: %s: %s",
+                                                 ep.name, ep.value, type(err).__name__, err)
+
+
+def loads_in_fresh_process(adapter: type[FamilyAdapter]) -> bool:
+    """Whether a fresh process finds ``adapter``: a built-in module, or one loaded from a ``surgery.adapters`` entry point."""
+    module = adapter.__module__
+    return module.startswith(f"{__package__}.") or any(module == m or module.startswith(f"{m}.") for m in PLUGIN_MODULES)
 
 
 def supported_families() -> list[str]:
@@ -363,15 +445,34 @@ def supported_families() -> list[str]:
     return sorted(ADAPTERS)
 
 
+def refusal(model_type: str | None) -> str | None:
+    """Why ``model_type`` is refused by design, or None."""
+    _load_builtin_adapters()
+    return REFUSED.get(str(model_type))
+
+
+def unsupported_message(model_type: str | None) -> str:
+    """The refusal for a family without an adapter: by design (:data:`REFUSED`), or not written yet."""
+    _load_builtin_adapters()
+    why = REFUSED.get(str(model_type))
+    if why:
+        return f"model_type {model_type!r} cannot be converted: {why}"
+    return (
+        f"no attention adapter for model_type {model_type!r}{suggest(str(model_type), ADAPTERS)}; "
+        f"supported: {', '.join(sorted(ADAPTERS))}. Adding a family is one adapter module in rewrites/adapters/ "
+        f"(or in your own package, registered under the entry point group {ENTRY_POINT_GROUP!r}); "
+        "see the README, 'Adding a family'"
+    )
+
+
 def get_adapter(model: nn.Module) -> FamilyAdapter:
-    """The adapter for ``model`` (by ``config.model_type``; Llama layout as fallback)."""
+    """The adapter registered for ``model.config.model_type``; :class:`UnsupportedModelError` otherwise."""
     _load_builtin_adapters()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ADAPTERS:
-        return ADAPTERS[model_type](model)
-    if _looks_llama_like(model):
-        return ADAPTERS["llama"](model)
-    raise UnsupportedModelError(
-        f"no attention adapter for model_type {model_type!r}{suggest(str(model_type), ADAPTERS)}; "
-        f"supported: {', '.join(sorted(ADAPTERS))}. Adding a family is one adapter in rewrites/adapters/."
-    )
+        adapter = ADAPTERS[model_type](model)
+        why = adapter.refusal()
+        if why:
+            raise UnsupportedModelError(f"this {model_type} model cannot be converted: {why}")
+        return adapter
+    raise UnsupportedModelError(unsupported_message(model_type))

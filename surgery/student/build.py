@@ -20,8 +20,13 @@ from .provenance import package_version
 log = logging.getLogger("surgery")
 
 
-def build_model(config: dict[str, Any], section: dict[str, Any], path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The family's causal LM from the config (no random init) with the mixers spliced in."""
+def build_model(config: dict[str, Any], section: dict[str, Any], path: Path, device: torch.device, dtype: torch.dtype,
+                fix: str = FIX_CONFIG) -> nn.Module:
+    """The family's causal LM from the config (no random init) with the mixers spliced in.
+
+    ``fix`` ends each error message: how to repair a saved directory (the default), or, for the check
+    :func:`surgery.student.prebuild.check_rebuildable` makes before training, what to change instead.
+    """
     from pydantic import ValidationError
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     try:
@@ -39,7 +44,7 @@ def build_model(config: dict[str, Any], section: dict[str, Any], path: Path, dev
     try:
         hf_config = CONFIG_MAPPING[model_type].from_dict(dict(config))
     except Exception as err:  # noqa: BLE001 - any config error has the same fix
-        raise StudentError(f"{path / CONFIG} is not a valid {model_type} config ({err}); {FIX_CONFIG}") from None
+        raise StudentError(f"{path / CONFIG} is not a valid {model_type} config ({err}); {fix}") from None
     attn = section.get("attn_implementation")
     kwargs = {"attn_implementation": attn} if isinstance(attn, str) else {}
     try:
@@ -48,7 +53,7 @@ def build_model(config: dict[str, Any], section: dict[str, Any], path: Path, dev
             model.tie_weights()  # no_init_weights also skips the tying that init_weights would do
     except Exception as err:  # noqa: BLE001
         raise StudentError(f"cannot build a {model_type} model from {path / CONFIG} ({type(err).__name__}: {err}); "
-                           f"{FIX_CONFIG}") from None
+                           f"{fix}") from None
     arch = section.get("architecture")
     if arch and type(model).__name__ != arch:
         log.warning("%s records architecture %s; built %s", path / CONFIG, arch, type(model).__name__)
@@ -65,5 +70,5 @@ def build_model(config: dict[str, Any], section: dict[str, Any], path: Path, dev
                 )
             text = text.replace("surgery.nodes[0]: ", "")
             raise StudentError(f"{path / CONFIG}: surgery.nodes[{i}] ({node.get('path')}) cannot be rebuilt: {text}; "
-                               f"{FIX_CONFIG}") from None
+                               f"{fix}") from None
     return model

@@ -119,9 +119,15 @@ def save(
     No recipe needed: ``surgery.save(student, "out", tokenizer=teacher.tokenizer, plan=plan)``.
     Without ``plan`` the replaced nodes are read off the module tree.
     """
+    from ..errors import SurgeryError
     from ..io import atomic_dir
+    from .prebuild import check_adapter_is_findable
 
     directory = Path(directory)
+    try:
+        check_adapter_is_findable(student)
+    except SurgeryError as err:  # this process can still load it; say why another one could not
+        log.warning("%s", str(err).replace("; nothing was trained or written", ""))
     try:
         with atomic_dir(directory, overwrite=overwrite) as tmp:
             save_student(tmp, student, tokenizer=tokenizer, plan=plan, recipe=recipe, teacher=teacher, report=report,
