@@ -201,6 +201,5 @@ def gla_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size
     Bout = Bc * torch.exp(total[:, :, None] - cum)  # (b, c, Q, h, n)
     off = torch.einsum("bilhn,bijhn,bjshn->bhiljs", Cin, between, Bout)  # (b, h, ci, Q, cj, Q)
     diag = _intra_scores(ac, Bc, Cc)  # (b, c, h, Q, Q)
-    eye = torch.eye(c, dtype=dtype, device=log_a.device)
-    M = off + torch.einsum("bchls,cd->bhclds", diag, eye)  # (b, h, ci, Q, cj, Q)
-    return M.reshape(b, h, c * Q, c * Q)[:, :, :L, :L]
+    M = off.permute(0, 1, 3, 5, 2, 4) + torch.diag_embed(diag.permute(0, 2, 3, 4, 1))  # (b, h, Q, Q, ci, cj)
+    return M.permute(0, 1, 4, 2, 5, 3).reshape(b, h, c * Q, c * Q)[:, :, :L, :L]
