@@ -86,7 +86,7 @@ class ApproximateOptions(Options):
     layers: str = Field(default="all", description="Layers to study: 'all' or a comma list, e.g. 0,14,29.")
     ranks: str = Field(default="16,32,64", description="Ranks / state sizes, comma separated.")
     families: str = Field(default="all", description="'all' or a comma list of toeplitz, low_rank, ssd, semiseparable.")
-    steps: int = Field(default=50, ge=0, description="Adam steps per fit (Toeplitz is closed-form); more fit closer.")
+    steps: int = Field(default=100, ge=0, description="Adam steps per fit (Toeplitz is closed-form); more fit closer.")
     lr: float = Field(default=1e-2, gt=0, description="Adam learning rate of the fits.")
     float64: bool = Field(default=False, description="Fit in float64 (slower; float32 is the default).")
     seed: int = Field(default=0, ge=0, lt=1 << 63, description="Seed of the head sampling.")

@@ -30,6 +30,7 @@ from ..ops.ssd_reference import ssd_matrix
 FAMILIES = ("toeplitz", "low_rank", "ssd", "semiseparable")
 RANKED = ("low_rank", "ssd", "semiseparable")
 FIT_CHUNK = 16  # chunk of the fits' semiseparable matrix
+DECAY_LR_SCALE = 0.1  # the log-decays' learning rate relative to the factors'
 LOG_A_FLOOR = -5.0  # decay floor exp(-5) ~ 0.0067 per token in the fits (keeps semiseparable_fast finite)
 
 
@@ -115,7 +116,8 @@ def svd_init(P: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U[:, :, :rank] * root, Vh[:, :rank, :].transpose(1, 2) * root
 
 
-def fit_gradient(family: str, P: torch.Tensor, rank: int, start: Fit | None, steps: int, lr: float) -> Fit:
+def fit_gradient(family: str, P: torch.Tensor, rank: int, start: Fit | None, steps: int, lr: float,
+                 decay_lr_scale: float = DECAY_LR_SCALE) -> Fit:
     """Projected Adam on ``||M - P||_F^2`` from ``start`` (the nested family's fit; None: SVD)."""
     N, L, _ = P.shape
     if start is None or start.Q is None:
@@ -134,7 +136,10 @@ def fit_gradient(family: str, P: torch.Tensor, rank: int, start: Fit | None, ste
         params.append(log_a)
     best = frobenius(matrix(family, Q, K, log_a), P).detach()
     best_state = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [Q, K], "lr": lr}]
+    if log_a is not None:  # Adam moves every log-decay by ~lr at once, and a decay compounds over L tokens
+        groups.append({"params": [log_a], "lr": lr * decay_lr_scale})
+    opt = torch.optim.Adam(groups)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         d = frobenius(matrix(family, Q, K, log_a), P)  # (N,)
