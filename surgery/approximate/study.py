@@ -188,6 +188,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     s = result["setup"]
     ranks, fams, layers = s["ranks"], s["families"], s["layers"]
@@ -201,6 +202,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         left.plot(ranks, [result["mean"][f"{fam}@{r}"] for r in ranks], "o-", label=fam)
         right.plot(layers, [result["per_layer"][f"{fam}@{mid}"][str(i)] for i in layers], ".-", label=fam)
     left.set(xscale="log", yscale="log", xlabel="rank / state size", ylabel="mean ||M - P||_F", title="by rank")
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.set_xticks(ranks, [str(r) for r in ranks])
     right.set(yscale="log", xlabel="layer", ylabel="mean ||M - P||_F", title=f"by layer (rank/state {mid})")
     for ax in (left, right):
