@@ -55,7 +55,7 @@ def main() -> None:
         ]
         overrides += [f"stages.stage3.tokens={args.stage3_tokens}"] if args.stage3_tokens else ["stages.stage3.enabled=false"]
         start = time.perf_counter()
-        path = apply(Recipe.load(ROOT / "recipes" / "smollm2_mamba.yaml", overrides), ApplyOptions(overwrite=True))
+        path = apply(Recipe.load(ROOT / "recipes" / "smollm2_mamba.yaml", overrides), ApplyOptions(overwrite=True, restart=True))
         report = json.loads((path / "report.json").read_text())
         rows[fam] = {
             "mixer": mixer, "stage1": report["stage1"]["mean"], "stage2": report["stage2"]["mean"],

@@ -19,17 +19,19 @@ from surgery.recipe import Recipe
 from surgery.student import load
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = {
-    "toeplitz": "{kernel_size: 48}",
-    "low_rank": "{rank: 8, chunk_size: 16}",
-    "semiseparable": "{d_state: 8, chunk_size: 16}",
+PARAMS = {  # case -> (mixer, params); low_rank_plain has SSD factors: stage 1 takes the factored distance
+    "toeplitz": ("toeplitz", "{kernel_size: 48}"),
+    "low_rank": ("low_rank", "{rank: 8, chunk_size: 16}"),
+    "low_rank_plain": ("low_rank", "{rank: 8, chunk_size: 16, feature_map: identity, normalize: false}"),
+    "semiseparable": ("semiseparable", "{d_state: 8, chunk_size: 16}"),
 }
 
 
-@pytest.mark.parametrize("mixer", sorted(PARAMS))
-def test_apply_load_and_cached_generation(tmp_path: Path, mixer: str) -> None:
+@pytest.mark.parametrize("case", sorted(PARAMS))
+def test_apply_load_and_cached_generation(tmp_path: Path, case: str) -> None:
+    mixer, params = PARAMS[case]
     overrides = [
-        f"output.dir={tmp_path / 'out'}", f"replace.0.mixer={mixer}", f"replace.0.params={PARAMS[mixer]}",
+        f"output.dir={tmp_path / 'out'}", f"replace.0.mixer={mixer}", f"replace.0.params={params}",
         "stages.stage1.tokens=1024", "stages.stage2.tokens=256", "stages.stage3.tokens=256", "verify.tokens=128",
     ]
     out = apply(Recipe.load(ROOT / "recipes" / "tiny.yaml", overrides))
