@@ -20,7 +20,15 @@ from surgery.approximate.fit import (
     semiseparable_fast,
     svd_init,
 )
-from surgery.approximate.study import choose_heads, markdown, parse_families, parse_ranks, run_study, write
+from surgery.approximate.study import (
+    choose_heads,
+    markdown,
+    parse_families,
+    parse_layers,
+    parse_ranks,
+    run_study,
+    write,
+)
 from surgery.ops.ssd_reference import ssd_matrix
 from surgery.ops.structured import gla_matrix, toeplitz_matrix
 from surgery.options import ApproximateOptions
@@ -105,6 +113,10 @@ def test_option_parsing_errors_name_the_flag() -> None:
     assert heads == choose_heads(5, 4, "2", seed=0) and choose_heads(2, 3, "all", 0) == [[0, 1, 2], [0, 1, 2]]
     with pytest.raises(ValueError, match="--heads-per-layer"):
         choose_heads(2, 3, "4", 0)
+    assert parse_layers("all", 3) == [0, 1, 2] and parse_layers("2,0", 3) == [2, 0]
+    for bad in ("3", "0,x", ""):
+        with pytest.raises(ValueError, match="--layers"):
+            parse_layers(bad, 3)
 
 
 def test_study_on_a_tiny_random_teacher(tmp_path: Path) -> None:

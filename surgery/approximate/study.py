@@ -42,6 +42,19 @@ def parse_families(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """``"all"`` or a comma list of layer indices below ``n_layers``."""
+    if text == "all":
+        return list(range(n_layers))
+    try:
+        layers = [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        layers = []
+    if not layers or any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"--layers {text!r}: give 'all' or layer indices 0..{n_layers - 1} separated by commas")
+    return layers
+
+
 def choose_heads(n_layers: int, n_heads: int, per_layer: str, seed: int) -> list[list[int]]:
     """Query heads studied in each layer: ``per_layer`` sampled without replacement (seeded), or every head."""
     if per_layer == "all":
@@ -108,7 +121,7 @@ def run_study(opts: ApproximateOptions, progress: bool = True) -> dict[str, Any]
     model = teacher.model.eval()
     cfg = model.config.get_text_config(decoder=True)
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    layers = list(range(n_layers)) if opts.layers == "all" else [int(i) for i in opts.layers.split(",")]
+    layers = parse_layers(opts.layers, n_layers)
     heads = choose_heads(n_layers, n_heads, opts.heads_per_layer, opts.seed)
     ids = heldout_sequences(teacher.tokenizer, opts)
     dtype = torch.float64 if opts.float64 else torch.float32
