@@ -3,7 +3,8 @@
     python bench/families.py                                   # SmolLM2-135M, stages 1+2, 2-core CPU sized
     python bench/families.py --tokens 65536 --stage3-tokens 65536 --out runs/families-gpu   # on a GPU
 
-Each family replaces every attention layer of ``recipes/smollm2_mamba.yaml`` (same data, seed, budget,
+Rows accumulate in ``OUT/families.json`` across invocations with the same ``--out`` (a family run again
+replaces its row), so families can be run one at a time. Each family replaces every attention layer of ``recipes/smollm2_mamba.yaml`` (same data, seed, budget,
 ``v_to_x`` / ``o_to_out`` transfers; ``q_to_C`` / ``k_to_B`` off, so stage 1 learns B, C and the decay
 from scratch) at rank / state ``--state``; the table gives the stage-1 (Frobenius, per head) and stage-2
 (per-token L2, per block) distances after the budget, held-out perplexity and top-1 agreement with the
@@ -26,7 +27,7 @@ FAMILIES = {  # family -> (mixer, params)
     "toeplitz": ("toeplitz", "{{kernel_size: 256}}"),
     "low_rank": ("low_rank", "{{rank: {state}, chunk_size: 64}}"),
     "ssd": ("discrete_mamba2", "{{d_state: {state}, chunk_size: 64, d_conv: 0}}"),
-    "semiseparable": ("semiseparable", "{{d_state: {state}, chunk_size: 64}}"),
+    "semiseparable": ("semiseparable", "{{d_state: {state}, chunk_size: 16}}"),
 }
 
 
@@ -45,7 +46,8 @@ def main() -> None:
     from surgery.recipe import Recipe
 
     out = ROOT / args.out
-    rows = {}
+    saved = out / "families.json"
+    rows = json.loads(saved.read_text())["rows"] if saved.is_file() else {}  # earlier families of the same --out
     for fam in args.families.split(","):
         mixer, params = FAMILIES[fam]
         overrides = [
