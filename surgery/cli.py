@@ -22,6 +22,7 @@ from . import __version__
 from .errors import SurgeryError
 from .options import (
     ApplyOptions,
+    ApproximateOptions,
     DiffOptions,
     EvalOptions,
     ExportOptions,
@@ -66,6 +67,12 @@ EXAMPLES: dict[str, str] = {
         surgery eval builtin:smollm2-135m --data builtin:python-docs --tokens 4096
         surgery eval runs/smollm2-mamba --data builtin:python-docs --tokens 4096
     """,
+    "approximate": """
+        surgery approximate                                   # SmolLM2-135M, 1 sequence, 1 head a layer: minutes on a CPU
+        surgery approximate --ranks 32 --families low_rank,ssd --layers 0,15,29
+        surgery approximate --samples 16 --heads-per-layer all --steps 500 --device cuda --out runs/approx-gpu
+        surgery approximate --teacher random:llama --seq-len 64 --steps 20   # seconds, a smoke test
+    """,
     "export": """
         surgery export runs/smollm2-hybrid --to bamba -o runs/smollm2-hybrid-bamba
         vllm serve runs/smollm2-hybrid-bamba        # or AutoModelForCausalLM.from_pretrained, no surgery needed
@@ -81,6 +88,11 @@ DESCRIPTIONS: dict[str, str] = {
     "verify": "Measure a student's alignment with its teacher: stage-1/2 distances, KL, perplexities, top-1 agreement.",
     "generate": "Generate text with a student (or any model reference), streaming tokens as they come.",
     "eval": "Held-out perplexity of a teacher reference or a student directory (same code path for both).",
+    "approximate": "MOHAWK's Table 3 on a teacher: fit each structured mixer family (Toeplitz, low-rank, SSD, "
+                   "semiseparable) to its attention matrices on held-out text, at each rank/state size; print the "
+                   "mean Frobenius distance per family and per layer, and write approximate.{json,md,png}. "
+                   "Lower is closer; the families nest (low-rank within SSD within semiseparable), so each is "
+                   "warm-started at the smaller family's optimum.",
     "export": "Write a student as a native transformers checkpoint (e.g. BambaForCausalLM) that loads without surgery; "
               "refuses, naming the mismatch, whatever the target cannot express exactly.",
 }
@@ -264,6 +276,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approximate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .approximate.study import markdown, run_study, write
+
+    opts = options_from_args(ApproximateOptions, args)
+    try:
+        result = run_study(opts, progress=not getattr(args, "quiet", False))
+    except ValueError as err:  # a bad --ranks / --families / --heads-per-layer, said in flag terms
+        raise SurgeryError(str(err)) from None
+    paths = write(result, Path(opts.out))
+    print(markdown(result))
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .native import export
 
@@ -352,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "eval", cmd_eval)
     p.add_argument("model", metavar="MODEL_DIR|REF", help="a student directory or a teacher reference")
     add_options(p, EvalOptions)
+
+    p = _subparser(sub, "approximate", cmd_approximate)
+    add_options(p, ApproximateOptions, short={"out": "-o"})
 
     p = _subparser(sub, "export", cmd_export)
     p.add_argument("student", metavar="STUDENT_DIR", help="a directory written by surgery apply or surgery.save")

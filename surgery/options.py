@@ -72,6 +72,28 @@ class GenerateOptions(Options):
     )
 
 
+class ApproximateOptions(Options):
+    """Options of ``surgery approximate`` (MOHAWK Table 3 on a teacher: how well each mixer family fits its attention)."""
+
+    teacher: str = Field(default="builtin:smollm2-135m", description="Teacher reference whose attention is approximated.")
+    data: str = Field(
+        default="builtin:wikipedia",
+        description="Held-out text (the eval split): builtin:wikipedia, builtin:news, builtin:python-docs, a glob, hf:<dataset>.",
+    )
+    samples: int = Field(default=1, gt=0, description="Held-out sequences (the paper: 1000).")
+    seq_len: int = Field(default=512, ge=8, description="Tokens per sequence (the paper: 512).")
+    heads_per_layer: str = Field(default="1", description="Query heads sampled per layer (seeded), or 'all'.")
+    layers: str = Field(default="all", description="Layers to study: 'all' or a comma list, e.g. 0,14,29.")
+    ranks: str = Field(default="16,32,64", description="Ranks / state sizes, comma separated.")
+    families: str = Field(default="all", description="'all' or a comma list of toeplitz, low_rank, ssd, semiseparable.")
+    steps: int = Field(default=100, ge=0, description="Adam steps per fit (Toeplitz is closed-form); more fit closer.")
+    lr: float = Field(default=1e-2, gt=0, description="Adam learning rate of the fits.")
+    float64: bool = Field(default=False, description="Fit in float64 (slower; float32 is the default).")
+    seed: int = Field(default=0, ge=0, lt=1 << 63, description="Seed of the head sampling.")
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    out: str = Field(default="runs/approximate", description="Directory for approximate.{json,md,png}.")
+
+
 class ExportOptions(Options):
     """Options of ``surgery export``."""
 

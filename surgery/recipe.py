@@ -327,7 +327,7 @@ class ReplaceRule(StrictModel):
     exclude: str | list[str] | None = Field(
         default=None, description="Glob(s) or 're:' regexes of module paths to leave out."
     )
-    mixer: str = Field(description="Rewrite rule to apply: 'discrete_mamba2', 'mamba2' or 'keep'.")
+    mixer: str = Field(description="Rewrite rule to apply: 'discrete_mamba2', 'mamba2', 'toeplitz', 'low_rank', 'semiseparable' or 'keep'.")
     params: dict[str, Any] = Field(default_factory=dict, description="Mixer parameters (see `surgery schema`).")
     init: dict[str, Any] = Field(default_factory=dict, description="Initialisation / weight-transfer options.")
 

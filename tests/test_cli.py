@@ -37,7 +37,7 @@ def test_schema_prints_json_schema() -> None:
 
 
 def test_help_teaches_with_examples() -> None:
-    for command in ("validate", "plan", "diff", "apply", "verify", "generate", "eval"):
+    for command in ("validate", "plan", "diff", "apply", "verify", "generate", "eval", "approximate"):
         result = surgery(command, "--help")
         assert result.returncode == 0
         assert "examples:" in result.stdout and f"surgery {command}" in result.stdout

@@ -92,8 +92,9 @@ def test_unresolved_or_incompatible_params_fail_at_construction(name: str) -> No
     with pytest.raises(ValueError, match="is not set"):
         cls(32, cls.params_model(), layer_idx=0)
     heads = "n_v_heads" if name == "discrete_mamba2" else "n_heads"
+    bad = 0 if name == "toeplitz" else 3  # toeplitz heads have no groups to divide: any positive count fits
     with pytest.raises(ValueError, match=heads):
-        cls(32, {**build(name).params.model_dump(), heads: 3}, layer_idx=0)
+        cls(32, {**build(name).params.model_dump(), heads: bad}, layer_idx=0)
     with pytest.raises(ValueError, match="d_model"):
         cls(0, build(name).params, layer_idx=0)
 
@@ -108,20 +109,25 @@ def test_init_errors_name_the_option() -> None:
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_transfer_q_k_v_o_with_gqa_expansion(name: str) -> None:
     cls = get_mixer(name)
-    extra = {"n_b_heads": 4} if name == "discrete_mamba2" else {}  # B per query head: expanded from KV groups
+    extra = {"n_b_heads": 4} if name in ("discrete_mamba2", "low_rank", "semiseparable") else {}  # B per query head
     m = build(name, **extra)
     w = teacher_weights(GQA)
-    record = m.init_from_attention(w, cls.init_model(q_to_C=True, k_to_B=True, v_to_x=True, o_to_out=True))
+    qk = name != "toeplitz"  # a Toeplitz kernel is input-independent: nothing takes Q or K
+    flags = {"q_to_C": True, "k_to_B": True} if qk else {}
+    record = m.init_from_attention(w, cls.init_model(**flags, v_to_x=True, o_to_out=True))
     views = m.weight_views()
     group = [0, 0, 1, 1]
-    assert torch.equal(views["C"], w.q)
-    assert torch.equal(views["B"], w.k[group])
     assert torch.equal(views["x"], w.v[group])
     assert torch.equal(views["out"], w.o)
-    assert record["C_proj[h=4]"] == "q[h=4]"
-    assert record["B_proj[h=4]"] == "k[h=2] repeated x2 per group"
     assert record["x_proj[h=4]"] == "v[h=2] repeated x2 per group"
     assert record["out_proj"] == "o[h=4]"
+    if not qk:
+        assert set(views) == {"x", "out"} and "q_to_C" not in cls.init_model.model_fields
+        return
+    assert torch.equal(views["C"], w.q)
+    assert torch.equal(views["B"], w.k[group])
+    assert record["C_proj[h=4]"] == "q[h=4]"
+    assert record["B_proj[h=4]"] == "k[h=2] repeated x2 per group"
     # views are views: writing through them changes the mixer
     with torch.no_grad():
         views["C"][0, 0, 0] = 123.0

@@ -56,7 +56,7 @@ def teacher_probs(teacher: nn.Module, path: str, call: Call) -> torch.Tensor:
 
 def factored_distance(mixer: Mixer, u: torch.Tensor, qk: AttentionQK) -> torch.Tensor:
     """Stage-1 distance ``(b, h)`` from the teacher's recorded ``q``/``k`` and the mixer on its input ``u``."""
-    if type(mixer).matrix_factors is Mixer.matrix_factors:  # a mixer without factors: materialise both
+    if not mixer.has_matrix_factors():  # a mixer without SSD factors: materialise both
         return matrix_distance(mixer.materialize(u), attention_probs(qk.q, qk.k, qk.scale))
     squared = matrix_squared_distance(qk.q, qk.k, qk.scale, mixer.matrix_factors(u))  # (b, h)
     return squared.clamp_min(1e-30).sqrt()

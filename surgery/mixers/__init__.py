@@ -1,4 +1,5 @@
-"""Registry of SSM mixers by name (``discrete_mamba2``, ``mamba2``).
+"""Registry of SSM mixers by name (``discrete_mamba2``, ``mamba2``, and the structured families of
+MOHAWK's ablation: ``toeplitz``, ``low_rank``, ``semiseparable``).
 
 A mixer module registers itself with :func:`register_mixer`; rewrite rules
 (``rewrites/``) look mixers up with :func:`get_mixer`. Importing this package
@@ -39,7 +40,7 @@ def get_mixer(name: str) -> type[Mixer]:
 def _import_builtins() -> None:
     import importlib
 
-    for module in ("discrete_mamba2", "mamba2"):
+    for module in ("discrete_mamba2", "mamba2", "toeplitz", "low_rank", "semiseparable"):
         try:
             importlib.import_module(f"{__name__}.{module}")
         except ModuleNotFoundError as err:  # a built-in mixer not written yet

@@ -203,6 +203,10 @@ class Mixer(nn.Module):
             M = M * mask[:, None, None, :].to(M.dtype)
         return M
 
+    def has_matrix_factors(self) -> bool:
+        """Whether :meth:`matrix_factors` is available (SSD form); stage 1 materialises the matrix otherwise."""
+        return type(self).matrix_factors is not Mixer.matrix_factors
+
     def matrix_factors(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> MatrixFactors:
         """What builds the mixing matrix of ``u (b, L, d_model)`` (stage 1 fuses it with the teacher's ``q``/``k``)."""
         raise NotImplementedError
