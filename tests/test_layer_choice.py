@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,8 +84,6 @@ def test_count_above_the_layers_is_an_error() -> None:
 
 
 def test_apply_records_the_choice_and_plan_agrees(tmp_path: Path) -> None:
-    from tests.test_cli import surgery
-
     recipe = Recipe.load(ROOT / "recipes/tiny.yaml", [AUTO, "stages.stage3.tokens=512"])
     out = apply(recipe, ApplyOptions(out=str(tmp_path / "student")))
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
@@ -93,6 +93,7 @@ def test_apply_records_the_choice_and_plan_agrees(tmp_path: Path) -> None:
     student = surgery_load(out)
     kinds = {i: type(layer.self_attn).__name__ for i, layer in enumerate(student.model.layers)}
     assert kinds[kept[0]] == "LlamaAttention" and sum(k == "LlamaAttention" for k in kinds.values()) == 1, kinds
-    shown = surgery("plan", str(ROOT / "recipes/tiny.yaml"), AUTO, "--format", "json")
+    shown = subprocess.run([sys.executable, "-m", "surgery", "plan", str(ROOT / "recipes/tiny.yaml"), AUTO,
+                            "--format", "json"], capture_output=True, text=True, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["layer_choice"]["kept"] == kept
