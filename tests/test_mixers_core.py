@@ -9,6 +9,7 @@ from surgery import ops
 from surgery.cache import SSMCacheLayer
 from surgery.mixers import get_mixer
 from surgery.mixers.base import Mixer
+from surgery.mixers.checks import decode_error, left_padding_error
 
 D_MODEL = 16
 TINY = {
@@ -64,15 +65,7 @@ def test_chunked_naive_and_matrix_paths_agree(name: str, chunk_size: int) -> Non
 
 @pytest.mark.parametrize("name", MIXERS)
 def test_decode_steps_equal_full_forward(name: str) -> None:
-    mixer = tiny_mixer(name, seed=2)
-    u = rand_u(L=12, seed=3)
-    full = mixer.mix(u)
-    slot = SSMCacheLayer()
-    parts = [mixer.mix(u[:, :5], cache=slot)]  # prefill
-    parts += [mixer.mix(u[:, i : i + 1], cache=slot) for i in range(5, 9)]  # decode steps
-    parts.append(mixer.mix(u[:, 9:], cache=slot))  # a multi-token continuation
-    assert slot.get_seq_length() == 12
-    assert rel(torch.cat(parts, 1), full) < 1e-10
+    assert decode_error(tiny_mixer(name, seed=2), rand_u(L=12, seed=3)) < 1e-10
 
 
 @pytest.mark.parametrize("name", MIXERS)
@@ -80,11 +73,8 @@ def test_left_padding_equals_unpadded(name: str) -> None:
     mixer = tiny_mixer(name, seed=4)
     u = rand_u(b=1, L=7, seed=5)
     pad = torch.randn(1, 4, D_MODEL, dtype=torch.float64) * 10  # garbage in the padding
-    mask = torch.tensor([[False] * 4 + [True] * 7])
-    slot_a, slot_b = SSMCacheLayer(), SSMCacheLayer()
-    out_pad = mixer.mix(torch.cat([pad, u], 1), mask, cache=slot_a)
-    out = mixer.mix(u, cache=slot_b)
-    assert rel(out_pad[:, 4:], out) < 1e-10
+    error, mask, slot_a, slot_b = left_padding_error(mixer, u, pad)
+    assert error < 1e-10
     assert rel(slot_a.ssm_state, slot_b.ssm_state) < 1e-10
     step = rand_u(b=1, L=1, seed=6)
     assert rel(mixer.mix(step, cache=slot_a), mixer.mix(step, cache=slot_b)) < 1e-10

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery.cache import SSMCacheLayer
 from surgery.mixers import get_mixer
 from surgery.mixers.base import Mixer
+from surgery.mixers.checks import decode_error, left_padding_error
 from surgery.ops.structured import gla_naive
 from surgery.ops.stage1 import attention_probs, matrix_squared_distance
 
@@ -88,15 +88,7 @@ def test_forward_matrix_and_definition_agree(case: str, chunk_size: int) -> None
 
 @pytest.mark.parametrize("case", CASES)
 def test_decode_steps_equal_full_forward(case: str) -> None:
-    mixer = tiny_mixer(case, seed=2)
-    u = rand_u(L=12, seed=3)
-    full = mixer.mix(u)
-    slot = SSMCacheLayer()
-    parts = [mixer.mix(u[:, :5], cache=slot)]  # prefill
-    parts += [mixer.mix(u[:, i : i + 1], cache=slot) for i in range(5, 9)]  # decode steps
-    parts.append(mixer.mix(u[:, 9:], cache=slot))  # a multi-token continuation
-    assert slot.get_seq_length() == 12
-    assert rel(torch.cat(parts, 1), full) < 1e-10
+    assert decode_error(tiny_mixer(case, seed=2), rand_u(L=12, seed=3)) < 1e-10
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -104,11 +96,8 @@ def test_left_padding_equals_unpadded(case: str) -> None:
     mixer = tiny_mixer(case, seed=4)
     u = rand_u(b=1, L=7, seed=5)
     pad = torch.randn(1, 4, D_MODEL, dtype=torch.float64) * 10  # garbage in the padding
-    mask = torch.tensor([[False] * 4 + [True] * 7])
-    slot_a, slot_b = SSMCacheLayer(), SSMCacheLayer()
-    out_pad = mixer.mix(torch.cat([pad, u], 1), mask, cache=slot_a)
-    out = mixer.mix(u, cache=slot_b)
-    assert rel(out_pad[:, 4:], out) < 1e-10
+    error, mask, slot_a, slot_b = left_padding_error(mixer, u, pad)
+    assert error < 1e-10
     step = rand_u(b=1, L=1, seed=6)
     assert rel(mixer.mix(step, cache=slot_a), mixer.mix(step, cache=slot_b)) < 1e-10
     M = mixer.materialize(torch.cat([pad, u], 1), mask)
