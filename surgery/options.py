@@ -81,6 +81,10 @@ class ApproximateOptions(Options):
         description="Held-out text (the eval split): builtin:wikipedia, builtin:news, builtin:python-docs, a glob, hf:<dataset>.",
     )
     samples: int = Field(default=1, gt=0, description="Held-out sequences (the paper: 1000).")
+    samples_per_fit: int | None = Field(
+        default=None, gt=0,
+        description="Sequences whose matrices are fitted together as one batch; default: all of them on CUDA, 1 on CPU.",
+    )
     seq_len: int = Field(default=512, ge=8, description="Tokens per sequence (the paper: 512).")
     heads_per_layer: str = Field(default="1", description="Query heads sampled per layer (seeded), or 'all'.")
     layers: str = Field(default="all", description="Layers to study: 'all' or a comma list, e.g. 0,14,29.")

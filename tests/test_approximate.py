@@ -136,6 +136,19 @@ def test_study_on_a_tiny_random_teacher(tmp_path: Path) -> None:
     assert paths["png"].stat().st_size > 10_000
 
 
+def test_samples_fitted_together_give_the_per_sample_result(tmp_path: Path) -> None:
+    """Fitting several sequences' matrices as one batch (the CUDA default) changes nothing but speed."""
+    common = {"teacher": "random:llama", "data": "builtin:python-docs", "seq_len": 32, "samples": 3,
+              "heads_per_layer": "2", "ranks": "4", "steps": 8, "out": str(tmp_path)}
+    one = run_study(ApproximateOptions(**common, samples_per_fit=1), progress=False)
+    together = run_study(ApproximateOptions(**common, samples_per_fit=3), progress=False)
+    assert set(one["mean"]) == set(together["mean"])
+    for key, value in one["mean"].items():
+        assert together["mean"][key] == pytest.approx(value, rel=1e-4), key
+        for layer, v in one["per_layer"][key].items():
+            assert together["per_layer"][key][layer] == pytest.approx(v, rel=1e-4), (key, layer)
+
+
 def test_cli_runs_and_prints_the_table(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["approximate", "--teacher", "random:llama", "--data", "builtin:python-docs", "--seq-len", "24",

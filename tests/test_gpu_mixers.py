@@ -134,14 +134,23 @@ def test_triton_dt_form_matches_reference(kernel: torch.device, backend: str, dt
     compare(fast, ref, t, dtype, t["x"].shape, t["initial_state"].shape, kernel)
 
 
+# Per mixer: 4 heads of 32, a 32-wide state / rank, B shared by 2 groups where the mixer has groups.
+# chunk_size 48 is not a power of two (the kernel rounds it up).
+MIXER_PARAMS = {
+    "discrete_mamba2": {"chunk_size": 48, "n_v_heads": 4, "n_qk_heads": 4, "n_b_heads": 2, "head_dim": 32, "d_state": 32},
+    "mamba2": {"chunk_size": 48, "n_heads": 4, "ngroups": 2, "head_dim": 32, "d_state": 32},
+    "low_rank": {"chunk_size": 48, "n_heads": 4, "n_b_heads": 2, "head_dim": 32, "rank": 32},  # SSD scan, zero decay
+    "semiseparable": {"chunk_size": 16, "n_heads": 4, "n_b_heads": 2, "head_dim": 32, "d_state": 32},  # plain torch on CUDA
+    "toeplitz": {"n_heads": 4, "head_dim": 32, "kernel_size": 64},  # plain torch on CUDA
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["discrete_mamba2", "mamba2"])
+@pytest.mark.parametrize("name", list(MIXER_PARAMS))
 def test_mixer_triton_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype, name: str) -> None:
     cls = get_mixer(name)
     torch.manual_seed(0)
-    params = {"chunk_size": 48}  # not a power of two: the kernel rounds it up
-    params |= {"n_v_heads": 4, "n_qk_heads": 4, "n_b_heads": 2} if name == "discrete_mamba2" else {"n_heads": 4, "ngroups": 2}
-    mixer = cls(128, {**params, "head_dim": 32, "d_state": 32}, layer_idx=0)
+    mixer = cls(128, MIXER_PARAMS[name], layer_idx=0)
     mixer.init_from_attention(None, cls.init_model())
     with torch.no_grad():
         for p in mixer.parameters():
@@ -164,7 +173,7 @@ def test_mixer_triton_matches_reference(kernel: torch.device, backend: str, dtyp
     assert not bad, f"{name} {dtype}: {bad}"
 
 
-@pytest.mark.parametrize("name", ["discrete_mamba2", "mamba2"])
+@pytest.mark.parametrize("name", list(MIXER_PARAMS))
 def test_cached_decode_on_cuda(kernel: torch.device, backend: str, name: str) -> None:
     with ops.use_backend(backend):
         cached_decode_matches_recomputation(kernel, name)
@@ -172,7 +181,8 @@ def test_cached_decode_on_cuda(kernel: torch.device, backend: str, name: str) ->
 
 def cached_decode_matches_recomputation(kernel: torch.device, name: str) -> None:
     for layers in (None, [0, 2]):  # fully converted, then hybrid
-        model = naive_student(random_model("llama"), mixer=name, layers=layers, params={"chunk_size": 16}).to(kernel)
+        params = {} if name == "toeplitz" else {"chunk_size": 16}  # Toeplitz has no chunks
+        model = naive_student(random_model("llama"), mixer=name, layers=layers, params=params).to(kernel)
         enable_recurrent_cache(model)
         ids = torch.randint(3, 300, (2, 37), device=kernel)
         out = model.generate(

@@ -128,11 +128,12 @@ def run_study(opts: ApproximateOptions, progress: bool = True) -> dict[str, Any]
     labels = [(layer, h) for layer in layers for h in heads[layer]]
     per: dict[str, list[float]] = {}  # "family@rank" -> distance per (sample, layer, head)
     bar = _bar(progress, len(ids))
-    for sample in ids:
-        P = teacher_attention(model, sample[None].to(device), heads, layers).to(dtype)  # (N, L, L)
+    group = opts.samples_per_fit or (len(ids) if device.type == "cuda" else 1)
+    for batch in ids.split(group):  # sample-major order: the (sample, layer-head) layout summarise expects
+        P = torch.cat([teacher_attention(model, s[None].to(device), heads, layers) for s in batch]).to(dtype)  # (S*N, L, L)
         for fit in fit_all(P, ranks, families, steps=opts.steps, lr=opts.lr):
             per.setdefault(_key(fit), []).extend(fit.distance.tolist())
-        bar.update()
+        bar.update(len(batch))
     bar.close()
     return summarise(per, labels, len(ids), {
         **opts.model_dump(), "ranks": ranks, "families": list(families), "layers": layers,
