@@ -161,3 +161,55 @@ def test_nproc_refuses_before_launching(tmp_path: Path, words: list[str], messag
     assert code == 2
     assert f"error: {message}" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written, nothing launched
+
+
+FOREACH_WITH_TIED_HEAD = """
+import torch
+from surgery.distributed import init_ranks
+from surgery.random_models import random_model
+from surgery.recipe import DistributedConfig, Stage3Config
+from verify.fsdp import FullyShardedStudent
+from verify.runner import build_optimizer
+
+ranks = init_ranks("cpu")
+student = random_model("llama", seed=0, tie_word_embeddings=True)
+sharded = FullyShardedStudent(ranks, DistributedConfig()).prepare(student)
+params = list(sharded.parameters())
+kinds = {hasattr(p, "device_mesh") for p in params}
+assert kinds == {True, False}, kinds  # sharded layers and the replicated tied head
+ids = torch.randint(3, 100, (2, 16))
+
+
+def step(optimizer):
+    optimizer.zero_grad()
+    sharded(input_ids=ids).logits.float().pow(2).mean().backward()
+    optimizer.step()
+
+
+naive = torch.optim.AdamW(params, lr=1e-3, foreach=True)  # what CUDA picks by default: one _foreach per group
+try:
+    step(naive)
+    raise SystemExit("one mixed group did not fail: the check below proves nothing")
+except RuntimeError as e:
+    assert "DTensor" in str(e), e
+ours = build_optimizer(params, Stage3Config(weight_decay=0.1))
+for group in ours.param_groups:
+    group["foreach"] = True
+step(ours)
+print("FOREACH_OK", len(ours.param_groups))
+"""
+
+
+def test_multi_tensor_adamw_steps_fsdp2_shards_beside_a_tied_head(tmp_path: Path) -> None:
+    """CUDA's default AdamW (foreach) with a sharded student whose tied head stays replicated (SmolLM2).
+
+    Found on the H200 with ``torchrun --nproc-per-node 1``: one parameter group mixing DTensors
+    and the replicated head fails in ``_foreach_lerp_``; CPU picks the per-tensor AdamW, so the
+    gloo runs never met it. Here foreach is forced on CPU.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "--monitor-interval=0.1"]
+    script = tmp_path / "entry.py"
+    script.write_text(FOREACH_WITH_TIED_HEAD)
+    done = subprocess.run([*cmd, str(script)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "FOREACH_OK 3" in done.stdout  # the replicated head; the sharded decay and no-decay groups

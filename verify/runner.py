@@ -27,7 +27,7 @@ from surgery.runtime import autocast
 
 from .metrics import MetricsLog
 from .objective import Objective
-from .parallel import Strategy
+from .parallel import Strategy, is_sharded
 from .schedule import wsd_factor
 
 
@@ -76,10 +76,18 @@ SaveFn = Callable[[int, torch.optim.Optimizer], None]
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: StageConfig) -> torch.optim.AdamW:
-    """AdamW; 1-D tensors (norms, biases, D, A_log) get no weight decay."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW; 1-D tensors (norms, biases, D, A_log) get no weight decay.
+
+    FSDP2's sharded parameters (DTensors) and replicated ones (a tied LM head, kept out of the
+    shards) go in separate groups: the multi-tensor AdamW that PyTorch picks on CUDA updates a group
+    in one ``_foreach`` call, which refuses to mix DTensors with plain tensors. A run with only one
+    kind (every single-process run) has the same two groups as before.
+    """
+    groups = []
+    for sharded in (False, True):
+        kind = [p for p in params if is_sharded(p) == sharded]
+        groups += [{"params": [p for p in kind if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in kind if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
