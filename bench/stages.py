@@ -105,9 +105,10 @@ def plot(rows: dict, path: Path) -> None:
         ax.set_title(title)
     ax1.set_yscale("log")
     ax1.axhline(1.0, color="black", linewidth=0.8)
-    ax2.legend(fontsize=8)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(sets), fontsize=9)
     fig.suptitle("MOHAWK Table 2 on SmolLM2-135M: the same token budget through different stages")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
