@@ -71,14 +71,12 @@ def table(rows: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="recipes/smollm2_mamba.yaml", help="the recipe every family runs")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
     p.add_argument("--state", type=int, default=32, help="rank / state size of every family but Toeplitz")
     p.add_argument("--kernel", type=int, default=256, help="Toeplitz kernel length (the CPU recipe's sequence length)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens of stage 1 and of stage 2 each")
     p.add_argument("--no-stage1", dest="stage1", action="store_false", help="stages 2+3 only, as in the paper's Table 4")
     p.add_argument("--stage3-tokens", type=int, default=0, help="tokens of stage 3 (0: stage 3 off)")
-    p.add_argument("--verify-tokens", type=int, default=1024, help="held-out tokens of the report's measurements")
     add_common_arguments(p)
     p.add_argument("--out", default="runs/families", help="directory for one student per family and families.{json,md}")
     args = p.parse_args()

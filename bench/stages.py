@@ -115,10 +115,8 @@ def plot(rows: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="recipes/smollm2_mamba.yaml", help="the recipe every column runs")
     p.add_argument("--columns", default=",".join(COLUMNS), help="comma list of " + ", ".join(COLUMNS))
     p.add_argument("--total-tokens", type=int, default=32768, help="training tokens of every column, all stages together")
-    p.add_argument("--verify-tokens", type=int, default=1024, help="held-out tokens of the report's measurements")
     add_common_arguments(p)
     p.add_argument("--out", default="runs/stages", help="directory for one student per column and stages.{json,md,png}")
     p.add_argument("--plot-only", action="store_true", help="redraw the table and plot from OUT/stages.json")

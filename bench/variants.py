@@ -99,7 +99,9 @@ def final_agreement(row: dict[str, Any]) -> float:
 
 
 def add_common_arguments(p: Any) -> None:
-    """The options every variant bench shares: held-out scoring and overrides for all variants."""
+    """The options every variant bench shares: the recipe, held-out scoring, overrides for all variants."""
+    p.add_argument("--recipe", default="recipes/smollm2_mamba.yaml", help="the recipe every variant runs")
+    p.add_argument("--verify-tokens", type=int, default=1024, help="held-out tokens of the report's measurements")
     p.add_argument("--quality-tokens", type=int, default=0, help="tokens per bench/quality.py set (0: skip)")
     p.add_argument("--seq-len", type=int, default=512, help="sequence length of the bench/quality.py sets")
     p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
