@@ -41,6 +41,7 @@ def run_variant(recipe: Path, variant: Variant, out: Path, quality_tokens: int, 
                 common: list[str] = ()) -> dict[str, Any]:
     """Apply the recipe with ``common`` then the variant's overrides into ``out/NAME``; its report and held-out quality."""
     import quality
+    from surgery.log import configure
     from surgery.options import ApplyOptions
     from surgery.pipeline import apply
     from surgery.recipe import Recipe
@@ -51,6 +52,7 @@ def run_variant(recipe: Path, variant: Variant, out: Path, quality_tokens: int, 
     seconds = time.perf_counter() - start
     report = json.loads((path / "report.json").read_text())
     held_out = quality.main([str(path), "--tokens", str(quality_tokens), "--seq-len", str(seq_len)]) if quality_tokens else []
+    configure()  # bench/quality.py silences progress; the next variant's stages show theirs again
     return {
         "overrides": list(variant.overrides), "common": list(common),
         "tokens": report.get("tokens", {}),
