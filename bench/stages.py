@@ -50,10 +50,12 @@ def split_budget(total: int, recipe_tokens: dict[int, int], stages: tuple[int, .
     return out
 
 
-def variants(recipe_path: Path, total: int, columns: list[str], verify_tokens: int) -> list[Variant]:
+def variants(recipe_path: Path, total: int, columns: list[str], verify_tokens: int,
+             common: list[str] = ()) -> list[Variant]:
+    """One variant per column; the split follows the recipe as the ``common`` overrides leave it."""
     from surgery.recipe import Recipe
 
-    recipe = Recipe.load(recipe_path)
+    recipe = Recipe.load(recipe_path, list(common))
     recipe_tokens = {i: recipe.stage(i).tokens for i in (1, 2, 3)}
     steps = {recipe.stage(i).tokens_per_step for i in (1, 2, 3)}
     if len(steps) != 1:
@@ -127,7 +129,7 @@ def main() -> None:
     if args.plot_only:
         rows = load_rows(saved)
     else:
-        chosen = variants(ROOT / args.recipe, args.total_tokens, args.columns.split(","), args.verify_tokens)
+        chosen = variants(ROOT / args.recipe, args.total_tokens, args.columns.split(","), args.verify_tokens, args.common)
         rows = run_all(ROOT / args.recipe, chosen, saved, vars(args), args.quality_tokens, args.seq_len,
                    args.common)
     text = table(rows)

@@ -169,13 +169,14 @@ from surgery.distributed import init_ranks
 from surgery.random_models import random_model
 from surgery.recipe import DistributedConfig, Stage3Config
 from verify.fsdp import FullyShardedStudent
+from verify.parallel import is_sharded
 from verify.runner import build_optimizer
 
 ranks = init_ranks("cpu")
 student = random_model("llama", seed=0, tie_word_embeddings=True)
 sharded = FullyShardedStudent(ranks, DistributedConfig()).prepare(student)
 params = list(sharded.parameters())
-kinds = {hasattr(p, "device_mesh") for p in params}
+kinds = {is_sharded(p) for p in params}
 assert kinds == {True, False}, kinds  # sharded layers and the replicated tied head
 ids = torch.randint(3, 100, (2, 16))
 
