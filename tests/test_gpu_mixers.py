@@ -118,6 +118,24 @@ def test_triton_decay_form_matches_reference(kernel: torch.device, backend: str,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [32, 64])
+def test_triton_without_decay_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype, p: int) -> None:
+    """``log_a=None`` (no decay: linear attention, the low_rank mixer) on each kernel against the reference.
+
+    mamba-ssm's decay-form mapping divides x by ``-log_a``: zeros there would drop every token's input."""
+    t = decay_inputs(dtype, kernel, L=300, p=p)
+    t.pop("log_a")
+
+    def fast(x, B, C, D, initial_state):
+        return ops.ssd(x, None, B, C, chunk_size=64, D=D, initial_state=initial_state, backend=backend)
+
+    def ref(x, B, C, D, initial_state):
+        return ops.ssd(x, None, B, C, chunk_size=64, D=D, initial_state=initial_state, backend="reference")
+
+    compare(fast, ref, t, dtype, t["x"].shape, t["initial_state"].shape, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_dt_form_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype) -> None:
     t = decay_inputs(dtype, kernel, L=200, gB=2, gC=2)
     g = torch.Generator(device=kernel).manual_seed(2)
@@ -148,9 +166,25 @@ MIXER_PARAMS = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(MIXER_PARAMS))
 def test_mixer_triton_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype, name: str) -> None:
+    mixer_matches_reference(kernel, backend, dtype, name, MIXER_PARAMS[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_low_rank_at_student_head_dims(kernel: torch.device, backend: str, dtype: torch.dtype, head_dim: int) -> None:
+    """The SmolLM2 student's head dim 64 (and 128, mamba-ssm only): a normalised low_rank once scanned 65
+    columns, which the fused kernel refuses, and mamba-ssm's decay mapping dropped every zero-decay input."""
+    if backend == "fused" and head_dim > ops.FUSED_MAX_DIM:
+        pytest.skip("above the fused kernels' head dim; auto takes mamba-ssm")
+    params = {"chunk_size": 64, "n_heads": 2, "n_b_heads": 1, "head_dim": head_dim, "rank": 32}
+    mixer_matches_reference(kernel, backend, dtype, "low_rank", params)
+
+
+def mixer_matches_reference(kernel: torch.device, backend: str, dtype: torch.dtype, name: str, params: dict) -> None:
+    """The mixer's output and every gradient on ``backend`` against the plain-torch path, same dtype."""
     cls = get_mixer(name)
     torch.manual_seed(0)
-    mixer = cls(128, MIXER_PARAMS[name], layer_idx=0)
+    mixer = cls(128, params, layer_idx=0)
     mixer.init_from_attention(None, cls.init_model())
     with torch.no_grad():
         for p in mixer.parameters():

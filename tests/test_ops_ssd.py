@@ -209,3 +209,13 @@ def test_auto_routes_shapes_above_the_fused_kernels(monkeypatch: pytest.MonkeyPa
     assert ops._fast_backend(x, "auto", "ssd", (128, 64)) == "mamba_ssm"
     with pytest.raises(RuntimeError, match="above the fused kernels' 64"):
         ops._fast_backend(x, "fused", "ssd", (64, 128))
+
+
+def test_no_decay_is_a_unit_transition() -> None:
+    """``log_a=None``: ``H_t = H_{t-1} + x_t B_t^T`` (linear attention), the same as zero log-decay on the reference."""
+    t = inputs(seed=7)
+    t.pop("log_a")
+    y, s = ops.ssd(t["x"], None, t["B"], t["C"], chunk_size=4, D=t["D"], initial_state=t["initial_state"])
+    y_ref, s_ref = ssd_naive(t["x"], torch.zeros(t["x"].shape[:3], dtype=F64), t["B"], t["C"], D=t["D"],
+                             initial_state=t["initial_state"])
+    assert rel(y, y_ref) < 1e-10 and rel(s, s_ref) < 1e-10

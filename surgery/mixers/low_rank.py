@@ -8,9 +8,10 @@ Linear attention (Katharopoulos et al. 2020, arXiv 2006.16236): per head ``h`` a
 
 so ``M[l, s] = phi(C_l) . phi(B_s)`` for ``l >= s`` (divided by the row sum when normalised): the
 low-rank member of MOHAWK's matrix-mixer ablation (Bick et al. 2024, arXiv 2408.10189, Tables 3-4).
-The scan is :func:`surgery.ops.ssd` with zero log-decay (chunked; the fused kernels on CUDA), the
-normaliser ``z`` riding along as one extra column of ``x`` (state ``(b, h, p + 1, n)``); decoding is
-:func:`surgery.ops.ssd_step`. Without ``normalize`` the matrix has SSD factors, so stage 1 takes the
+The scan is :func:`surgery.ops.ssd` without decay (chunked; the fused kernels on CUDA), the
+normaliser ``z`` a cumulative sum of ``phi(B)`` kept as one extra row of the state
+(``(b, h, p + 1, n)``); decoding is :func:`surgery.ops.ssd_step` with ``z`` riding along as one more
+column of ``x``. Without ``normalize`` the matrix has SSD factors, so stage 1 takes the
 factored (fused) distance; with it, the materialised matrix.
 """
 
@@ -77,17 +78,34 @@ class LowRank(GatedHeads):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, L, h, p = x.shape
         B, C = self.features(u, valid)
-        if self.params.normalize:  # the row sums ride along as one more column of x
-            x = torch.cat([x, x.new_ones(b, L, h, 1)], dim=-1)  # (b, L, h, p+1)
-        log_a = x.new_zeros(b, L, h)  # no decay
-        if state is not None and L == 1:
-            y, state = ops.ssd_step(x[:, 0], log_a[:, 0], B[:, 0], C[:, 0], state=state)
+        if state is not None and L == 1:  # decode: the row sums ride along as one more column of x
+            if self.params.normalize:
+                x = torch.cat([x, x.new_ones(b, L, h, 1)], dim=-1)  # (b, 1, h, p+1)
+            y, state = ops.ssd_step(x[:, 0], x.new_zeros(b, h), B[:, 0], C[:, 0], state=state)
             y = y[:, None]  # (b, 1, h, p[+1])
-        else:
-            y, state = ops.ssd(x, log_a, B, C, chunk_size=self.params.chunk_size, initial_state=state)
-        if self.params.normalize:
-            y = y[..., :p] / (y[..., p:] + self.params.eps)  # (b, L, h, p)
-        return y, state
+            if self.params.normalize:
+                y = y[..., :p] / (y[..., p:] + self.params.eps)  # (b, 1, h, p)
+            return y, state
+        scan_state = None if state is None else state[:, :, :p]  # (b, h, p, n)
+        y, final = ops.ssd(x, None, B, C, chunk_size=self.params.chunk_size, initial_state=scan_state)
+        if not self.params.normalize:
+            return y, final
+        z, z_final = self.row_sums(B, C, None if state is None else state[:, :, p])
+        y = (y.to(z.dtype) / (z[..., None] + self.params.eps)).to(y.dtype)  # (b, L, h, p)
+        return y, torch.cat([final, z_final[:, :, None].to(final.dtype)], dim=2)  # (b, h, p+1, n)
+
+    def row_sums(
+        self, B: torch.Tensor, C: torch.Tensor, z0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normaliser ``phi(C_t) . (z0 + sum_{s<=t} phi(B_s))``: B (b, L, n_b, r), C (b, L, h, r),
+        z0 (b, h, r) -> row sums (b, L, h) and the final ``z`` (b, h, r), in the compute dtype.
+
+        A cumulative sum, not a second scan, so the scan above keeps the head dim the fused kernel takes."""
+        dtype = compute_dtype(B.dtype)
+        z = B.to(dtype).cumsum(1).repeat_interleave(self.h // self.n_b, dim=2)  # (b, L, h, r)
+        if z0 is not None:
+            z = z + z0.to(dtype)[:, None]
+        return (z * C.to(dtype)).sum(-1), z[:, -1]
 
     def has_matrix_factors(self) -> bool:
         return not self.params.normalize

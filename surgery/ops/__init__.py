@@ -144,7 +144,7 @@ def _fast_backend(x: torch.Tensor, backend: Backend | None, entry: str, dims: tu
 
 def ssd(
     x: torch.Tensor,
-    log_a: torch.Tensor,
+    log_a: torch.Tensor | None,
     B: torch.Tensor,
     C: torch.Tensor,
     *,
@@ -159,9 +159,20 @@ def ssd(
     x (b, L, h, p), log_a (b, L, h) <= 0, B (b, L, gB, n), C (b, L, gC, n), D (h,),
     initial_state (b, h, p, n), seq_idx (b, L) document ids of packed sequences (the state is
     reset where the id changes) -> y (b, L, h, p), final state (b, h, p, n). ``backend``: see the
-    module docstring; None: the :func:`use_backend` default.
+    module docstring; None: the :func:`use_backend` default. ``log_a=None``: no decay at all
+    (``a_t = 1``, causal linear attention); say so rather than passing zeros, because mamba-ssm's
+    decay-form mapping divides ``x`` by ``-log_a`` and would drop every zero-decay token's input.
     """
     fast = _fast_backend(x, backend, "ssd", (x.shape[-1], B.shape[-1])) if x.shape[1] > 0 else None
+    if log_a is None:
+        if fast == "mamba_ssm":  # a_t = exp(dt A) = 1 and dt x = x exactly: dt = 1, A = 0
+            from .cuda import ssd_dt_triton
+
+            dt = x.new_ones(x.shape[:3], dtype=torch.float32)  # (b, L, h)
+            A = x.new_zeros(x.shape[2], dtype=torch.float32)  # (h,)
+            y, final = ssd_dt_triton(x, dt, A, B, C, chunk_size, initial_state=initial_state, seq_idx=seq_idx)
+            return (y if D is None else y + skip_term(D, x)), final
+        log_a = x.new_zeros(x.shape[:3], dtype=compute_dtype(x.dtype))  # (b, L, h)
     if fast == "fused":
         from .ssd_fused import ssd_fused
 

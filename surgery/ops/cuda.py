@@ -133,7 +133,8 @@ def ssd_triton(
 
     Numerical caveats: (1) tokens with ``dt == 0`` (padding, where ``log_a`` is set to 0 and
     ``x`` to 0) get input 0 instead of 0/0; a real token whose ``softplus(A_log)`` underflows
-    to 0 (A_log < about -88 in float32) would lose its input. (2) For small ``dt`` the kernel
+    to 0 (A_log < about -88 in float32) would lose its input. A mixer without decay must call
+    :func:`surgery.ops.ssd` with ``log_a=None`` (mapped to ``dt = 1, A = 0``), never zeros. (2) For small ``dt`` the kernel
     input ``x / dt`` is large; it is rounded to x's dtype (relative error of that dtype, no
     overflow in bf16/fp32; float16 can overflow for ``|x| / dt > 65504``). (3) The gradient
     w.r.t. ``dt`` is the sum of the kernel's ``dL/ddt`` and ``-x/dt^2 dL/d(x/dt)``, two terms
