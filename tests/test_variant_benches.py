@@ -71,3 +71,34 @@ def test_compare_students_finds_the_largest_difference(tmp_path: Path) -> None:
     save_file({"x": w["x"]}, str(b / "model.safetensors"))
     with pytest.raises(SystemExit, match="different tensors"):
         compare.weight_differences(a, b)
+
+
+def test_grad_probe_records_every_stage_and_names_a_differing_gradient(tmp_path: Path) -> None:
+    import json
+
+    probe = bench("grad_probe")
+    path = tmp_path / "plain.json"
+    rc = probe.main(["record", str(path), str(ROOT / "recipes" / "tiny.yaml"), "stages.stage1.tokens=256",
+                     "stages.stage2.tokens=256", "stages.stage3.tokens=256", "stages.stage3.micro_batch=4",
+                     "verify.tokens=128", "--out", str(tmp_path / "student")])
+    assert rc == 0
+    record = json.loads(path.read_text())
+    assert sorted(record) == ["1", "2", "3"]
+    assert record["3"]["accumulation"] == 1 and record["1"]["accumulation"] == 2 and record["3"]["world_size"] == 1
+    norms = record["3"]["after_sync"]
+    assert len(norms) > 10 and all(v is None or v >= 0 for v in norms.values())
+    assert any(v and v > 0 for v in norms.values())
+    assert record["3"]["before_sync"] == norms  # CPU: nothing in flight
+    assert probe.main(["compare", str(path), str(path)]) == 0
+    name = next(n for n, v in norms.items() if v)
+    record["3"]["after_sync"][name] *= 1.001
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(record))
+    lines = probe.differences(json.loads(path.read_text()), record)
+    assert any(name in line and line.startswith("stage 3") for line in lines)
+    assert any("changed across a device sync" in line and " b:" in line for line in lines)
+    assert probe.differences(json.loads(path.read_text()), record, rel=0.01) == [
+        line for line in lines if "device sync" in line]
+    assert probe.main(["compare", str(path), str(changed)]) == 1
+    import verify.runner as runner
+    assert runner.StageRunner.__init__.__name__ == "__init__"  # the probe is removed after the run
