@@ -9,7 +9,8 @@
 
 The student is ``surgery.rewrite(teacher, [discrete_mamba2 everywhere])`` with untrained weights
 (speed does not depend on them) unless ``--student DIR`` names a saved one. For each model,
-batch and context: a prefill of ``context`` random tokens (``logits_to_keep=1``), then
+batch and context: an untimed and a timed prefill of ``context`` random tokens (``logits_to_keep=1``;
+the untimed one compiles the kernels for that shape, skipped with ``--warmup 0``), then
 ``--warmup`` untimed and ``--steps`` timed greedy decode steps, each one ``model(next_token,
 cache=cache)`` (what ``generate`` does per token, without its bookkeeping). Columns:
 
@@ -159,6 +160,9 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)  # (b, L)
     kw = _forward_kwargs(model)
     timer = Timer(device)
+    if args.warmup:  # an untimed prefill first: the kernels' first call at this shape compiles / autotunes them
+        del_out = model(ids, use_cache=True, **kw)
+        del del_out
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

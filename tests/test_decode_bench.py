@@ -36,3 +36,31 @@ def test_decode_bench_fair_baseline_cpu(capsys) -> None:
     best_teacher = min(rows[0]["ms_per_token"], rows[2]["ms_per_token"])
     assert rows[1]["vs_teacher_best"] == best_teacher / rows[1]["ms_per_token"]
     assert "vs teacher best" in capsys.readouterr().out
+
+
+def test_prefill_is_timed_after_an_untimed_one() -> None:
+    """The timed prefill is not the shape's first call (which compiles / autotunes the kernels on CUDA)."""
+    import argparse
+
+    import torch
+
+    from surgery.random_models import random_model
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_warm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = random_model("llama")
+    lengths: list[int] = []
+
+    def record(_module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        lengths.append(ids.shape[1])
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    for warmup, prefills in ((1, 2), (0, 1)):
+        lengths.clear()
+        ns = argparse.Namespace(device=torch.device("cpu"), warmup=warmup, steps=2, cuda_graph=False)
+        row = module.measure(model, 1, 24, ns)
+        assert lengths.count(24) == prefills and lengths.count(1) == warmup + 2
+        assert row["prefill_ms"] > 0
