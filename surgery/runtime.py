@@ -28,11 +28,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
-    """An autocast context for ``precision`` on ``device`` (a no-op for float32)."""
+    """An autocast context for ``precision`` on ``device`` (a no-op for float32), without autocast's weight cache.
+
+    The cache keeps one low-precision copy of each weight for the whole region. Under FSDP2 a
+    ``no_grad`` forward inside the region (stage 3's first micro-batch probes the student's head
+    without gradients) leaves cached copies without autograd history, and the weights' gradients of
+    the forward that follows come back ``None``: ``torchrun --nproc-per-node 1`` lost every matmul
+    weight's first-step gradient on the H200 and on CPU in bf16 (``bench/grad_probe.py``;
+    tests/test_fsdp_one_rank.py). Each weight is used once per forward, so the cache saved nothing.
+    """
     dtype = autocast_dtype(precision, device)
     if dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 def seed_everything(seed: int) -> None:

@@ -50,11 +50,11 @@ class Batches:
         return torch.randint(3, 300, (2, 32), generator=self.gen)
 
 
-def train(student: torch.nn.Module, teacher: torch.nn.Module, parallel: Strategy) -> torch.nn.Module:
+def train(student: torch.nn.Module, teacher: torch.nn.Module, parallel: Strategy, precision: str) -> torch.nn.Module:
     cfg = StageConfig(tokens=192, tokens_per_step=64, micro_batch=2, seq_len=32, lr=1e-2, checkpoint_every=1000)
     trained = parallel.prepare(student)
     objective = Distillation(teacher, trained, replaced_nodes(trained))
-    runner = StageRunner(3, cfg, objective, Batches(), seq_len=32, device=CPU, precision="fp32",
+    runner = StageRunner(3, cfg, objective, Batches(), seq_len=32, device=CPU, precision=precision,
                          log=DiscardedMetrics(), save=lambda step, opt: None, parallel=parallel)
     runner.run()
     parallel.finish(student)
@@ -62,12 +62,14 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, parallel: Strategy
 
 
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module.*returned a view tensor")  # GPT-2, OPT; results equal
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_sharded_stage3_equals_unsharded(one_rank_group: Ranks, family: str) -> None:
+def test_sharded_stage3_equals_unsharded(one_rank_group: Ranks, family: str, precision: str) -> None:
+    """bf16 (autocast) with one micro-batch per step: the case the H200 found (see :func:`surgery.runtime.autocast`)."""
     teacher = random_model(family)
     student, _ = rewrite(teacher, Recipe.load(TINY).replace)
-    plain = train(copy.deepcopy(student), teacher, Strategy(one_rank_group))
-    sharded = train(student, teacher, FullyShardedStudent(one_rank_group, Recipe.load(TINY).distributed))
+    plain = train(copy.deepcopy(student), teacher, Strategy(one_rank_group), precision)
+    sharded = train(student, teacher, FullyShardedStudent(one_rank_group, Recipe.load(TINY).distributed), precision)
     expected, got = plain.state_dict(), sharded.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), family
