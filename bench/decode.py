@@ -3,6 +3,8 @@
     python bench/decode.py                          # GPU: SmolLM2-135M teacher vs all-discrete_mamba2 student, bf16,
                                                     #      batch 1 and 8, contexts 1k / 4k / 16k
     python bench/decode.py --cuda-graph             # also a CUDA-graph-captured student decode step
+    python bench/decode.py --cuda-graph --compile   # ... and the same step torch.compile'd before capture
+    python bench/decode.py --cuda-graph --hybrid 7  # a hybrid student keeping 7 attention layers (every 4th of 30)
     python bench/decode.py --cpu                    # quick CPU run: context 256, batch 1 and 4
     python bench/decode.py --cpu --teacher random:llama --contexts 32 --batches 1,2 --steps 4   # smoke
     python bench/decode.py --student runs/smollm2-mamba                                      # a trained student
@@ -26,9 +28,13 @@ cache=cache)`` (what ``generate`` does per token, without its bookkeeping). Colu
   the fair ratio.
 
 ``--cuda-graph`` captures one whole student decode step (the HF forward with the recurrent cache,
-its state tensors kept in static buffers) in a CUDA graph and replays it; the first replay is
-checked against an eager step (``graph max|diff|``). Only for fully converted students: a KV cache
-grows every step, which a captured graph cannot follow. A row that fails prints the error instead.
+its state tensors, positions and -- hybrids -- a fixed-size KV cache for the kept attention layers
+kept in static buffers; :mod:`surgery.graph_decode`) in a CUDA graph and replays it; the first
+replay is checked against an eager step (``graph max|diff|``). On CPU the same static step runs
+uncaptured. ``--compile`` adds ``compiled`` columns: the step wrapped in ``torch.compile`` before
+warm-up and capture, timed in the same run. ``--hybrid N`` keeps the attention of N layers, every
+``n_layers // N``-th (layers 3, 7, ..., 27 of SmolLM2's 30 for N = 7), and converts the rest.
+A row that fails prints the error instead.
 """
 
 from __future__ import annotations
@@ -63,7 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (GPU 64; CPU 16)")
     p.add_argument("--warmup", type=int, default=None, help="untimed decode steps first (GPU 8; CPU 2)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="GPU bf16, CPU fp32")
-    p.add_argument("--cuda-graph", action="store_true", help="also time a CUDA-graph-captured student decode step")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time a CUDA-graph-captured student decode step (CPU: the static step, uncaptured)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the graphed step torch.compile'd before capture (implies --cuda-graph)")
+    p.add_argument("--hybrid", type=int, default=0, metavar="N",
+                   help="the student keeps the attention of N evenly spaced layers (every n_layers // N-th)")
     p.add_argument("--mixer", default="discrete_mamba2", help="mixer replacing every attention node")
     p.add_argument("--fair", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the teacher with a static KV cache (default: on GPU)")
@@ -75,8 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (64 if gpu else 16)
     args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 2)
     args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    if args.cuda_graph and not gpu:
-        p.error("--cuda-graph needs CUDA")
+    args.cuda_graph = args.cuda_graph or args.compile
+    if args.hybrid < 0 or (args.hybrid and args.student):
+        p.error("--hybrid takes N >= 0 and builds its own student (not with --student)")
     args.fair = gpu if args.fair is None else args.fair
     return args
 
@@ -93,12 +105,22 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mo
     if args.student:
         student = surgery.load(args.student, device=args.device, dtype=args.dtype)
     else:
-        student, _ = surgery.rewrite(teacher, [{"mixer": args.mixer}])
+        args.kept = keep = kept_layers(teacher.config.get_text_config(decoder=True).num_hidden_layers, args.hybrid)
+        rules = ([{"layers": keep, "mixer": "keep"}] if keep else []) + [{"mixer": args.mixer}]
+        student, _ = surgery.rewrite(teacher, rules)
         student = student.to(device=args.device, dtype=args.dtype)
     for m in (teacher, student):
         m.eval().requires_grad_(False)
         m.generation_config.eos_token_id = None
     return teacher, student
+
+
+def kept_layers(n_layers: int, n_kept: int) -> list[int]:
+    """The ``n_kept`` attention layers a ``--hybrid`` student keeps: every ``n_layers // n_kept``-th, from the stride's end."""
+    if n_kept > n_layers:
+        raise ValueError(f"--hybrid {n_kept}: the teacher has only {n_layers} layers")
+    stride = n_layers // n_kept if n_kept else 0
+    return [stride * (k + 1) - 1 for k in range(n_kept)]
 
 
 def cache_bytes(cache: Any) -> int:
@@ -188,33 +210,45 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
         row["decode_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         row["prefill_peak_bytes"] = prefill_peak
     if args.cuda_graph and hasattr(model, "new_surgery_cache"):
-        row.update(graph_decode(model, cache, nxt, args))
+        import copy
+
+        variants = (("graph", False), ("compiled", True)) if args.compile else (("graph", False),)
+        for prefix, compiled in variants:  # each from a copy of the same cache (a decoder owns its cache)
+            row.update(graph_decode(model, copy.deepcopy(cache), nxt, args, compile=compiled, prefix=prefix))
     del cache, step_kw
     return row
 
 
-def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    """Time the CUDA-graph-captured decode step (:mod:`surgery.graph_decode`); its first replay is checked
-    against an eager step from the same state."""
+def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace, *,
+                 compile: bool = False, prefix: str = "graph") -> dict[str, Any]:
+    """Time the CUDA-graph-captured decode step (:mod:`surgery.graph_decode`; on CPU the static step, uncaptured),
+    torch.compile'd first with ``compile``; its first step is checked against an eager, uncompiled step from the
+    same state. Keys ``{prefix}_ms_per_token``, ``{prefix}_max_diff`` or ``{prefix}_error``."""
     from surgery.graph_decode import GraphedDecoder
 
     try:
         device = args.device
-        dec = GraphedDecoder(model, cache, nxt, greedy=True, capture=True)
+        max_len = cache.get_seq_length() + 2 * (args.warmup + args.steps) + 4  # a hybrid's kept KV: room for every step
+        dec = GraphedDecoder(model, cache, nxt, greedy=True, capture=device.type == "cuda", max_len=max_len,
+                             compile=compile)
+        if dec.compile_error:
+            raise RuntimeError(f"torch.compile fell back: {dec.compile_error}")
         snap = dec.step.snapshot()
-        reference = dec.step.step()[:, -1].float().clone()  # eager, from the captured starting state
+        reference = dec.step.step(eager=True)[:, -1].float().clone()  # eager, from the captured starting state
         dec.step.restore(snap)
         diff = (dec().float() - reference).abs().max().item()
         for _ in range(args.warmup):
-            dec.graph.replay()
+            dec()
         timer = Timer(device)
         timer.start()
         for _ in range(args.steps):
-            dec.graph.replay()
+            dec()
         ms = timer.stop() / args.steps
-        return {"graph_ms_per_token": ms, "graph_max_diff": diff}
+        if dec.compile_error:
+            raise RuntimeError(f"torch.compile fell back: {dec.compile_error}")
+        return {f"{prefix}_ms_per_token": ms, f"{prefix}_max_diff": diff}
     except Exception as err:  # noqa: BLE001 - report, do not abort the table
-        return {"graph_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
+        return {f"{prefix}_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
 
 
 @torch.no_grad()
@@ -245,7 +279,7 @@ def fair_ratio(rows: list[dict[str, Any]], batch: int, context: int) -> float | 
     """Fastest teacher ms/token over the fastest student ms/token (eager or graph) at one shape."""
     def best(prefix: str) -> float | None:
         times = [t for r in rows if r["model"].startswith(prefix) and (r["batch"], r["context"]) == (batch, context)
-                 for t in (r.get("ms_per_token"), r.get("graph_ms_per_token")) if t]
+                 for t in (r.get("ms_per_token"), r.get("graph_ms_per_token"), r.get("compiled_ms_per_token")) if t]
         return min(times) if times else None
 
     teacher, student = best("teacher"), best("student")
@@ -289,11 +323,15 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gpu = args.device.type == "cuda"
     head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
             "state MiB", "vs teacher", "vs teacher best"]
-    if args.cuda_graph:
-        head += ["graph ms/token", "graph vs teacher", "graph max|diff|"]
+    variants = [p for p, on in (("graph", args.cuda_graph), ("compiled", args.compile)) if on]
+    for prefix in variants:
+        head += [f"{prefix} ms/token", f"{prefix} vs teacher", f"{prefix} max|diff|"]
+    keep = getattr(args, "kept", [])
+    converted = f"attention kept in layers {keep}, the rest" if keep else "all attention"
     title = (f"device {args.device} ({torch.cuda.get_device_name(args.device) if gpu else 'cpu'}), dtype "
              f"{str(args.dtype).removeprefix('torch.')}, teacher {args.teacher}, student "
-             f"{args.student or 'all attention -> ' + args.mixer + ' (untrained)'}, {args.steps} timed steps")
+             f"{args.student or converted + ' -> ' + args.mixer + ' (untrained)'}, {args.steps} timed steps"
+             + ("" if gpu or not variants else "; graph = the static step, uncaptured (no CUDA)"))
     lines = [title, "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     teacher_ms: dict[tuple[int, int], float] = {}
@@ -310,13 +348,12 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                      _mib(r.get("prefill_peak_bytes")), f"{r['ms_per_token']:.2f}",
                      f"{r['tokens_per_s']:.0f}", _mib(r.get("decode_peak_bytes")),
                      state, f"{ratio:.2f}x" if ratio else "", f"{fair:.2f}x" if fair else ""]
-            if args.cuda_graph:
-                if "graph_ms_per_token" in r:
-                    base = teacher_ms.get((r["batch"], r["context"]))
-                    cells += [f"{r['graph_ms_per_token']:.2f}", f"{base / r['graph_ms_per_token']:.2f}x" if base else "",
-                              f"{r['graph_max_diff']:.2g}"]
+            for prefix in variants:
+                if f"{prefix}_ms_per_token" in r:
+                    ms, base = r[f"{prefix}_ms_per_token"], teacher_ms.get((r["batch"], r["context"]))
+                    cells += [f"{ms:.2f}", f"{base / ms:.2f}x" if base else "", f"{r[f'{prefix}_max_diff']:.2g}"]
                 else:
-                    cells += [r.get("graph_error", ""), "", ""]
+                    cells += [r.get(f"{prefix}_error", ""), "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
     text = generate_text("runs/tiny", "def fibonacci(n):", GenerateOptions(max_new_tokens=32))
 
 Students decode with their recurrent :class:`~surgery.cache.SurgeryCache` (constant memory per
-token; ``surgery.load`` enables it), teachers with their usual KV cache. Temperature 0 is greedy;
+token; ``surgery.load`` enables it), on CUDA by default through the captured decode step of
+:mod:`surgery.graph_decode` where it applies (``graph=False`` opts out); teachers with their usual KV cache. Temperature 0 is greedy;
 otherwise sampling with ``temperature`` and ``top_p`` from ``seed``. The prompt is echoed and the
 continuation written to ``stream`` (stdout) piece by piece as tokens come; the continuation alone
 is returned.
@@ -11,6 +12,7 @@ is returned.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, TextIO
 
@@ -18,7 +20,9 @@ import torch
 
 from .options import GenerateOptions
 
-__all__ = ["batch_listing", "generate_text", "generate_texts", "generation_kwargs", "next_token"]
+logger = logging.getLogger("surgery")
+
+__all__ = ["batch_listing", "generate_text", "generate_texts", "generation_kwargs", "graph_decode_reason", "next_token"]
 
 
 class _Streamer:
@@ -94,22 +98,39 @@ def next_token(logits: torch.Tensor, opts: GenerateOptions, generator: torch.Gen
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: GenerateOptions, streamer: _Streamer) -> None:
-    """Prefill with the model's forward, then decode through :class:`~surgery.graph_decode.GraphedDecoder`."""
-    from .errors import SurgeryError
-    from .graph_decode import GraphedDecoder, graph_unsupported_reason
-    from .hf_conventions import output_cache
+def graph_decode_reason(model: Any, ids: torch.Tensor) -> str | None:
+    """Why :func:`generate_text` cannot decode ``model`` from ``ids (1, L)`` through the captured step (None: it can)."""
+    from .graph_decode import graph_unsupported_reason
 
     if not ids.is_cuda:
-        raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
-    reason = graph_unsupported_reason(model)
-    if reason is not None:
-        raise SurgeryError(f"--cuda-graph: {reason}; generate without --cuda-graph")
+        return "it needs a CUDA device"
+    return graph_unsupported_reason(model)
+
+
+def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: GenerateOptions, streamer: _Streamer,
+                      *, required: bool) -> bool:
+    """Prefill with the model's forward, then decode through :class:`~surgery.graph_decode.GraphedDecoder`.
+
+    Returns False, having streamed nothing, when the decoder cannot be set up and not ``required``
+    (the reason is logged as a warning; the caller then uses ``generate``).
+    """
+    from .graph_decode import GraphedDecoder
+    from .hf_conventions import output_cache
+
     generator = torch.Generator(device=ids.device).manual_seed(opts.seed)
+    try:
+        out = model(ids, use_cache=True)
+        token = next_token(out.logits[:, -1], opts, generator)  # (1, 1)
+        decoder = GraphedDecoder(model, output_cache(out), token, capture=True,
+                                 max_len=ids.shape[1] + opts.max_new_tokens)  # sizes a hybrid's kept KV
+    except Exception as err:  # noqa: BLE001 - the fast path is optional here: say why, then decode the usual way
+        if required:
+            raise
+        logger.warning("CUDA-graph decoding could not be set up (%s: %s); decoding with generate",
+                       type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return False
+    del out
     streamer.put(ids.cpu())  # the prompt (skipped by the streamer)
-    out = model(ids, use_cache=True)
-    token = next_token(out.logits[:, -1], opts, generator)  # (1, 1)
-    decoder = GraphedDecoder(model, output_cache(out), token, capture=True)
     eos = tokenizer.eos_token_id
     for i in range(opts.max_new_tokens):
         streamer.put(token.cpu())
@@ -117,6 +138,7 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
             break
         token = next_token(decoder(token), opts, generator)
     streamer.end()
+    return True
 
 
 def batch_listing(prompts: list[str], texts: list[str]) -> str:
@@ -137,10 +159,14 @@ def _load(model_ref: str, opts: GenerateOptions) -> tuple[Any, Any, torch.device
 
 @torch.inference_mode()
 def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = None, *,
-                  stream: TextIO | None = sys.stdout) -> str:
+                  stream: TextIO | None = sys.stdout, graph: bool | None = None) -> str:
     """Continue ``prompt`` with a student directory or teacher reference; returns the continuation.
 
     ``stream``: where the prompt and the continuation are written as they come (None: silent).
+    ``graph``: None (default) decodes a student through the captured CUDA-graph step on CUDA when
+    it applies (:func:`graph_decode_reason`; why not is logged), else with ``generate``; False
+    always uses ``generate`` (the opt-out; ``opts.no_cuda_graph``, ``--no-cuda-graph``, does the same).
+    ``opts.cuda_graph`` requires the graph and raises when it does not apply.
     """
     from .errors import SurgeryError
 
@@ -150,13 +176,24 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     ids = enc["input_ids"].to(device)  # (1, L)
     if ids.shape[1] == 0:
         raise SurgeryError("the prompt encodes to no tokens; give some text to continue")
+    if opts.no_cuda_graph:
+        graph = False
+    use_graph = False
+    if opts.cuda_graph or graph is not False:
+        reason = graph_decode_reason(model, ids)
+        if opts.cuda_graph and not ids.is_cuda:
+            raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
+        if opts.cuda_graph and reason is not None:
+            raise SurgeryError(f"--cuda-graph: {reason}; generate without --cuda-graph")
+        use_graph = reason is None
+        if reason is not None:
+            (logger.info if ids.is_cuda else logger.debug)("decoding with generate, not a CUDA graph: %s", reason)
     streamer = _Streamer(tokenizer, stream)
     if stream is not None:
         stream.write(prompt)
         stream.flush()
-    if opts.cuda_graph:
-        _graphed_generate(model, tokenizer, ids, opts, streamer)
-    else:
+    graphed = use_graph and _graphed_generate(model, tokenizer, ids, opts, streamer, required=opts.cuda_graph)
+    if not graphed:
         model.generate(ids, attention_mask=enc["attention_mask"].to(device), streamer=streamer,
                        **generation_kwargs(opts, tokenizer, model))
     if stream is not None:

@@ -12,7 +12,7 @@ import argparse
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SurgeryError
 
@@ -68,8 +68,19 @@ class GenerateOptions(Options):
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
     cuda_graph: bool = Field(
         default=False,
-        description="Decode through a CUDA graph (fully converted students with rotary positions, on CUDA).",
+        description="Require the captured CUDA-graph decode step (on CUDA it is already the default for students "
+        "where it applies; this makes a student where it does not an error instead of a fallback).",
     )
+    no_cuda_graph: bool = Field(
+        default=False,
+        description="Decode with transformers' generate, never through the captured CUDA-graph step.",
+    )
+
+    @model_validator(mode="after")
+    def _one_graph_choice(self) -> GenerateOptions:
+        if self.cuda_graph and self.no_cuda_graph:
+            raise ValueError("--cuda-graph and --no-cuda-graph contradict each other; give one")
+        return self
 
 
 class ApproximateOptions(Options):
@@ -136,5 +147,6 @@ def options_from_args(model: type[Options], args: argparse.Namespace) -> Options
     try:
         return model(**{name: getattr(args, name) for name in model.model_fields})
     except ValidationError as err:
-        problems = [f"{_flag(str(e['loc'][0]))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors(include_url=False)]
+        problems = [f"{_flag(str(e['loc'][0]))}: {e['msg']} (got {e.get('input')!r})" if e["loc"]
+                    else str(e["msg"]).removeprefix("Value error, ") for e in err.errors(include_url=False)]
         raise SurgeryError("; ".join(problems)) from None

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def bench_module(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_decode_bench_cpu_smoke(capsys) -> None:
@@ -64,3 +75,27 @@ def test_prefill_is_timed_after_an_untimed_one() -> None:
         row = module.measure(model, 1, 24, ns)
         assert lengths.count(24) == prefills and lengths.count(1) == warmup + 2
         assert row["prefill_ms"] > 0
+
+
+def test_decode_bench_hybrid_static_step_cpu(capsys) -> None:
+    """--hybrid keeps every (n // N)-th attention layer; --cuda-graph on CPU times the static step uncaptured."""
+    module = bench_module("bench_decode_hybrid")
+    assert module.kept_layers(30, 7) == [3, 7, 11, 15, 19, 23, 27] and module.kept_layers(4, 0) == []
+    rows = module.main(["--cpu", "--teacher", "random:gpt2", "--contexts", "16", "--batches", "1,2",
+                        "--steps", "2", "--warmup", "1", "--hybrid", "2", "--cuda-graph"])
+    students = [r for r in rows if r["model"] == "student"]
+    assert len(students) == 2 and not any("error" in r or "graph_error" in r for r in rows)
+    assert all(r["graph_ms_per_token"] > 0 and r["graph_max_diff"] < 1e-4 for r in students)
+    out = capsys.readouterr().out
+    assert "attention kept in layers [1, 3]" in out and "| graph ms/token |" in out
+
+
+@pytest.mark.slow  # torch.compile on CPU: 20-30 s with a cold inductor cache
+def test_decode_bench_compile_side_by_side_cpu(capsys) -> None:
+    module = bench_module("bench_decode_compile")
+    rows = module.main(["--cpu", "--teacher", "random:llama", "--contexts", "16", "--batches", "1",
+                        "--steps", "2", "--warmup", "1", "--hybrid", "1", "--compile"])
+    student = next(r for r in rows if r["model"] == "student")
+    assert "compiled_error" not in student and "graph_error" not in student, student
+    assert student["compiled_max_diff"] < 1e-4 and student["graph_max_diff"] < 1e-4
+    assert "| compiled ms/token |" in capsys.readouterr().out

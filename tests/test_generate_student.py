@@ -172,3 +172,25 @@ def test_embedded_teacher_student_generates(tmp_path: Path) -> None:
     card = (d / "README.md").read_text()
     assert "license: apache-2.0" in card and "15 of 30 attention nodes replaced" in card
     print(f"slow student round trip: {time.perf_counter() - start:.1f} s")
+
+
+def test_no_cuda_graph_never_consults_the_graph_path(student_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--no-cuda-graph`` goes straight to ``generate``: the graph path is not even asked whether it applies."""
+    import surgery.generate as gen
+
+    default = generate_text(str(student_dir), "def f(x):", GenerateOptions(max_new_tokens=8, **CPU), stream=None)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("graph_decode_reason consulted despite --no-cuda-graph")
+
+    monkeypatch.setattr(gen, "graph_decode_reason", refuse)
+    opts = GenerateOptions(max_new_tokens=8, no_cuda_graph=True, **CPU)
+    assert generate_text(str(student_dir), "def f(x):", opts, stream=None) == default
+
+
+def test_cuda_graph_and_no_cuda_graph_together_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="--cuda-graph and --no-cuda-graph contradict"):
+        GenerateOptions(cuda_graph=True, no_cuda_graph=True)
+    done = subprocess.run([sys.executable, "-m", "surgery", "generate", "random:llama", "x", "--cuda-graph",
+                           "--no-cuda-graph"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "contradict each other" in done.stderr, done.stderr
