@@ -29,11 +29,12 @@ from variants import (
     run_all,
 )
 
-FAMILIES = {  # family -> (mixer, params)
-    "toeplitz": ("toeplitz", "{{kernel_size: {kernel}}}"),
-    "low_rank": ("low_rank", "{{rank: {state}, chunk_size: 64}}"),
-    "ssd": ("discrete_mamba2", "{{d_state: {state}, chunk_size: 64, d_conv: 0}}"),
-    "semiseparable": ("semiseparable", "{{d_state: {state}, chunk_size: 16}}"),
+TRANSFER = "{v_to_x: true, o_to_out: true}"  # the recipes' weight transfer; only the SSD form has a skip D
+FAMILIES = {  # family -> (mixer, params, init): init replaces the recipe's, whose keys are the recipe mixer's
+    "toeplitz": ("toeplitz", "{{kernel_size: {kernel}}}", TRANSFER),
+    "low_rank": ("low_rank", "{{rank: {state}, chunk_size: 64}}", TRANSFER),
+    "ssd": ("discrete_mamba2", "{{d_state: {state}, chunk_size: 64, d_conv: 0}}", "{v_to_x: true, o_to_out: true, D: 0.0}"),
+    "semiseparable": ("semiseparable", "{{d_state: {state}, chunk_size: 16}}", TRANSFER),
 }
 
 
@@ -42,8 +43,9 @@ def variants(families: list[str], state: int, kernel: int, tokens: int, stage3_t
     """One variant per family: the mixer, its params and the shared budgets as recipe overrides."""
     out = []
     for fam in families:
-        mixer, params = FAMILIES[fam]
+        mixer, params, init = FAMILIES[fam]
         o = [f"replace.0.mixer={mixer}", f"replace.0.params={params.format(state=state, kernel=kernel)}",
+             f"replace.0.init={init}",
              f"stages.stage2.tokens={tokens}", f"verify.tokens={verify_tokens}"]
         o += [f"stages.stage1.tokens={tokens}"] if stage1 else ["stages.stage1.enabled=false"]
         o += [f"stages.stage3.tokens={stage3_tokens}"] if stage3_tokens else ["stages.stage3.enabled=false"]
