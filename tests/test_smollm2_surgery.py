@@ -67,7 +67,7 @@ def test_hybrid_rules_on_smollm2(smollm2: Teacher) -> None:
 def test_short_apply_on_the_real_teacher(tmp_path: Path) -> None:
     from surgery.pipeline import apply
 
-    # Two stage-2 steps leave no room for warm-up: the recipe's lr 3e-3 (tuned with 6 warm-up steps of 56)
+    # Two stage-2 steps leave no room for warm-up: the recipe's lr 3e-3 (tuned with 8 warm-up steps of 72)
     # would open with an Adam step at 1.5e-3 that raises the distance (84 -> 94); 1e-3 opens at 5e-4.
     overrides = [f"output.dir={tmp_path / 'student'}", "replace.0.layers=[0, 15, 29]", "verify.tokens=512",
                  *[f"stages.stage{s}.tokens=1024" for s in (1, 2, 3)], "stages.stage2.lr=1e-3"]
