@@ -40,6 +40,7 @@ A row that fails prints the error instead.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixer", default="discrete_mamba2", help="mixer replacing every attention node")
     p.add_argument("--fair", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the teacher with a static KV cache (default: on GPU)")
+    p.add_argument("--jsonl", default=None, help="also append each row to this file as its shape is done")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.cpu
     args.device = torch.device("cuda" if gpu else "cpu")
@@ -315,6 +317,9 @@ def run(args: argparse.Namespace, report: Callable[[str], None] = print) -> list
                 rows.append(teacher_static(teacher, batch, context, args))
             for row in rows[-(3 if args.fair else 2):]:
                 row["vs_teacher_best"] = fair_ratio(rows, batch, context) if row["model"] == "student" else None
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     report(table(rows, args))
     return rows
 
