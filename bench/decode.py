@@ -32,7 +32,9 @@ its state tensors, positions and -- hybrids -- a fixed-size KV cache for the kep
 kept in static buffers; :mod:`surgery.graph_decode`) in a CUDA graph and replays it; the first
 replay is checked against an eager step (``graph max|diff|``). On CPU the same static step runs
 uncaptured. ``--compile`` adds ``compiled`` columns: the step wrapped in ``torch.compile`` before
-warm-up and capture, timed in the same run. ``--hybrid N`` keeps the attention of N layers, every
+warm-up and capture, timed in the same run. The step runs each mixer's input projections as one
+stacked matmul (:func:`surgery.graph_decode.fuse_decode_projections`); ``--unfused`` adds columns for
+the same step (compiled with ``--compile``) with the separate projections. ``--hybrid N`` keeps the attention of N layers, every
 ``n_layers // N``-th (layers 3, 7, ..., 27 of SmolLM2's 30 for N = 7), and converts the rest.
 A row that fails prints the error instead.
 """
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixer", default="discrete_mamba2", help="mixer replacing every attention node")
     p.add_argument("--fair", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the teacher with a static KV cache (default: on GPU)")
+    p.add_argument("--unfused", action="store_true",
+                   help="also time the graph step (compiled with --compile) with each mixer's input projections "
+                        "as separate matmuls, not stacked into one (the default)")
     p.add_argument("--jsonl", default=None, help="also append each row to this file as its shape is done")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.cpu
@@ -88,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (64 if gpu else 16)
     args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 2)
     args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    args.cuda_graph = args.cuda_graph or args.compile
+    args.cuda_graph = args.cuda_graph or args.compile or args.unfused
     if args.hybrid < 0 or (args.hybrid and args.student):
         p.error("--hybrid takes N >= 0 and builds its own student (not with --student)")
     args.fair = gpu if args.fair is None else args.fair
@@ -214,15 +219,17 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     if args.cuda_graph and hasattr(model, "new_surgery_cache"):
         import copy
 
-        variants = (("graph", False), ("compiled", True)) if args.compile else (("graph", False),)
-        for prefix, compiled in variants:  # each from a copy of the same cache (a decoder owns its cache)
-            row.update(graph_decode(model, copy.deepcopy(cache), nxt, args, compile=compiled, prefix=prefix))
+        variants = [("graph", False, True)] + ([("compiled", True, True)] if args.compile else [])
+        if args.unfused:  # the best variant above with separate input projections, side by side
+            variants.append(("unfused", args.compile, False))
+        for prefix, compiled, fuse in variants:  # each from a copy of the same cache (a decoder owns its cache)
+            row.update(graph_decode(model, copy.deepcopy(cache), nxt, args, compile=compiled, fuse=fuse, prefix=prefix))
     del cache, step_kw
     return row
 
 
 def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace, *,
-                 compile: bool = False, prefix: str = "graph") -> dict[str, Any]:
+                 compile: bool = False, fuse: bool = True, prefix: str = "graph") -> dict[str, Any]:
     """Time the CUDA-graph-captured decode step (:mod:`surgery.graph_decode`; on CPU the static step, uncaptured),
     torch.compile'd first with ``compile``; its first step is checked against an eager, uncompiled step from the
     same state. Keys ``{prefix}_ms_per_token``, ``{prefix}_max_diff`` or ``{prefix}_error``."""
@@ -231,8 +238,11 @@ def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: ar
     try:
         device = args.device
         max_len = cache.get_seq_length() + 2 * (args.warmup + args.steps) + 4  # a hybrid's kept KV: room for every step
+        t0 = time.perf_counter()
         dec = GraphedDecoder(model, cache, nxt, greedy=True, capture=device.type == "cuda", max_len=max_len,
-                             compile=compile)
+                             compile=compile, fuse=fuse)
+        _sync(device)
+        setup_s = time.perf_counter() - t0  # warm-up, compilation (with compile) and capture
         if dec.compile_error:
             raise RuntimeError(f"torch.compile fell back: {dec.compile_error}")
         snap = dec.step.snapshot()
@@ -248,7 +258,7 @@ def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: ar
         ms = timer.stop() / args.steps
         if dec.compile_error:
             raise RuntimeError(f"torch.compile fell back: {dec.compile_error}")
-        return {f"{prefix}_ms_per_token": ms, f"{prefix}_max_diff": diff}
+        return {f"{prefix}_ms_per_token": ms, f"{prefix}_max_diff": diff, f"{prefix}_setup_s": setup_s}
     except Exception as err:  # noqa: BLE001 - report, do not abort the table
         return {f"{prefix}_error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]}
 
@@ -281,7 +291,8 @@ def fair_ratio(rows: list[dict[str, Any]], batch: int, context: int) -> float | 
     """Fastest teacher ms/token over the fastest student ms/token (eager or graph) at one shape."""
     def best(prefix: str) -> float | None:
         times = [t for r in rows if r["model"].startswith(prefix) and (r["batch"], r["context"]) == (batch, context)
-                 for t in (r.get("ms_per_token"), r.get("graph_ms_per_token"), r.get("compiled_ms_per_token")) if t]
+                 for t in (r.get("ms_per_token"), r.get("graph_ms_per_token"), r.get("compiled_ms_per_token"),
+                           r.get("unfused_ms_per_token")) if t]
         return min(times) if times else None
 
     teacher, student = best("teacher"), best("student")
@@ -328,7 +339,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gpu = args.device.type == "cuda"
     head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
             "state MiB", "vs teacher", "vs teacher best"]
-    variants = [p for p, on in (("graph", args.cuda_graph), ("compiled", args.compile)) if on]
+    variants = [p for p, on in (("graph", args.cuda_graph), ("compiled", args.compile), ("unfused", args.unfused)) if on]
     for prefix in variants:
         head += [f"{prefix} ms/token", f"{prefix} vs teacher", f"{prefix} max|diff|"]
     keep = getattr(args, "kept", [])

@@ -64,6 +64,7 @@ class SSMCacheLayer(LinearAttentionCacheLayerMixin):
         super().__init__(number_of_states=1)
         self.seen_tokens = 0
         self.keys = self.values = None  # no KV (DynamicCache.__iter__ and DDP gathers read these)
+        self.fused_projection: Any = None  # the mixer's decode projections as one matmul (set by the static decoder)
 
     # -- the mixin's abstract API (state 0 only) --------------------------------------------
     def lazy_initialization(

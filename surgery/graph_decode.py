@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GraphedDecoder", "StaticDecoder", "graph_unsupported_reason"]
+__all__ = ["GraphedDecoder", "StaticDecoder", "fuse_decode_projections", "graph_unsupported_reason"]
 
 logger = logging.getLogger("surgery")
 _POSITIONS = ("rope", "learned")  # the position conventions the static step feeds (explicit position_ids)
@@ -90,6 +90,24 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
+def fuse_decode_projections(model: nn.Module, cache: Any) -> int:
+    """Give each mixer's slot in ``cache`` its decode projections stacked into one matmul; returns how many slots.
+
+    Only the cache gets the stacked copy (:class:`~surgery.mixers._common.FusedProjection`), so it
+    lives and dies with the decoder that owns the cache; the model's own weights are untouched.
+    """
+    from .cache import surgery_cache
+    from .mixers._common import FusedProjection
+    from .mixers.base import Mixer
+
+    full, n = surgery_cache(cache), 0
+    for module in model.modules():
+        if isinstance(module, Mixer) and module.decode_projections():
+            full.ssm_layer(module.layer_idx).fused_projection = FusedProjection.of(module.decode_projections())
+            n += 1
+    return n
+
+
 class StaticDecoder:
     """One decode step of a student over buffers allocated once (what a CUDA graph needs).
 
@@ -99,6 +117,8 @@ class StaticDecoder:
     advances positions and KV column. With ``greedy`` the argmax of the step's logits is written
     into ``ids`` inside the step, so replays chain without the host.
 
+    ``fuse`` (default): each mixer's input projections run as one matmul per step
+    (:func:`fuse_decode_projections`), from a stacked copy of their weights in the cache.
     ``max_len``: the most tokens (prompt included) the kept attention layers hold; required for
     hybrids. ``attention_mask (b, L)``: the prefill's padding mask (left padding), or None for
     unpadded rows. A step past ``max_len`` or past a learned position table raises ``ValueError``
@@ -107,7 +127,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, cache: Any, first_ids: torch.Tensor, *, greedy: bool = True,
                  max_len: int | None = None, attention_mask: torch.Tensor | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fuse: bool = True) -> None:
         from .cache import SSMCacheLayer
         from .hf_conventions import cache_keyword
         from .static_kv import KVMask, freeze_kv_layers
@@ -140,6 +160,7 @@ class StaticDecoder:
             dtype = model.get_input_embeddings().weight.dtype
             self.mask = KVMask(b, max_len, self.seen, dtype, device, attention_mask)
             self.kw["attention_mask"] = self.mask.mask  # (b, 1, 1, max_len + 1)
+        self.fused = fuse_decode_projections(model, cache) if fuse else 0
         self.compile_error: str | None = None
         self._fn = self._run
         self._compiled = self._compile_ok = False
@@ -227,20 +248,21 @@ class GraphedDecoder:
 
     ``decoder(ids)`` feeds ``ids (b, 1)`` and returns the next logits ``(b, V)``. Without ``capture``
     (the default off CUDA) the same static step runs eagerly, which is what the CPU tests check.
-    ``max_len`` (hybrids: required), ``attention_mask`` and ``compile``: see :class:`StaticDecoder`.
+    ``max_len`` (hybrids: required), ``attention_mask``, ``compile`` and ``fuse``: see :class:`StaticDecoder`.
     The cache is owned by the decoder afterwards (its host-side lengths stay at the prefill's).
     """
 
     def __init__(self, model: nn.Module, cache: Any, first_ids: torch.Tensor, *, greedy: bool = False,
                  capture: bool | None = None, warmup: int = 3, max_len: int | None = None,
-                 attention_mask: torch.Tensor | None = None, compile: bool = False) -> None:
+                 attention_mask: torch.Tensor | None = None, compile: bool = False, fuse: bool = True) -> None:
         reason = graph_unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"cannot graph-capture this student's decode step: {reason}")
         self.capture = first_ids.is_cuda if capture is None else capture
         spare = max(warmup, 1) + 1 if self.capture and max_len is not None else 0  # warm-up and capture steps, rolled back
         self.step = StaticDecoder(model, cache, first_ids, greedy=greedy, attention_mask=attention_mask,
-                                  max_len=None if max_len is None else max_len + spare, compile=compile)
+                                  max_len=None if max_len is None else max_len + spare, compile=compile,
+                                  fuse=fuse)
         self.graph: torch.cuda.CUDAGraph | None = None
         if self.capture:
             with torch.no_grad():

@@ -161,3 +161,35 @@ def test_cli_flag_needs_cuda(tmp_path) -> None:
     surgery.save(model, tmp_path / "s", tokenizer=byte_tokenizer(), plan=plan)
     with pytest.raises(SurgeryError, match="needs a CUDA device"):
         generate_text(str(tmp_path / "s"), "def f", GenerateOptions(cuda_graph=True, device="cpu"), stream=None)
+
+
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "mamba2"])
+def test_fused_decode_projections_equal_the_separate_ones(mixer: str) -> None:
+    """The decoder's stacked input projections (one matmul a step) give the separate projections' steps."""
+    model = student("llama", [ReplaceRule(mixer=mixer, params={"chunk_size": 16, "bias": True})])
+    ids = torch.randint(4, 260, (2, 9), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    with torch.no_grad():
+        for fuse in (True, False):
+            out = model(ids, use_cache=True)
+            dec = GraphedDecoder(model, output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True), greedy=True,
+                                 capture=False, fuse=fuse)
+            assert dec.step.fused == (len(model.model.layers) if fuse else 0)
+            runs[fuse] = torch.stack([dec() for _ in range(5)], 1)  # (b, 5, V)
+    assert (runs[True] - runs[False]).abs().max() < 1e-5 * runs[False].abs().max()
+    assert torch.equal(runs[True].argmax(-1), runs[False].argmax(-1))
+
+
+def test_fused_projection_stacks_weights_and_fills_missing_biases() -> None:
+    from surgery.mixers._common import FusedProjection, project
+
+    g = torch.Generator().manual_seed(5)
+    linears = [torch.nn.Linear(6, 4), torch.nn.Linear(6, 3, bias=False), torch.nn.Linear(6, 2)]
+    for lin in linears:
+        torch.nn.init.normal_(lin.weight, generator=g)
+    u = torch.randn(2, 1, 6, generator=g, dtype=torch.float32)
+    fused = FusedProjection.of(linears)
+    assert fused.weight.shape == (9, 6) and fused.sizes == (4, 3, 2) and torch.equal(fused.bias[4:7], torch.zeros(3))
+    for got, want in zip(project(u, linears, fused), project(u, linears, None)):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert FusedProjection.of(linears[1:2]).bias is None

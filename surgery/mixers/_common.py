@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,11 +65,48 @@ def causal_conv(
         return x, None
     k = conv.kernel_size[0]
     xt = x.transpose(1, 2)  # (b, ch, L)
+    if history is not None and x.shape[1] == 1:  # decoding: a dot product over the window (fuses when compiled)
+        full = torch.cat([history.to(xt.dtype), xt], dim=-1)  # (b, ch, k)
+        acc = torch.promote_types(xt.dtype, torch.float32)  # half inputs accumulate in float32, like the conv
+        y = (full.to(acc) * conv.weight[:, 0].to(acc)).sum(-1)  # (b, ch)
+        if conv.bias is not None:
+            y = y + conv.bias.to(acc)
+        return y.to(x.dtype)[:, None], full[:, :, 1:]
     if history is None:
         history = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
     full = torch.cat([history.to(xt.dtype), xt], dim=-1)  # (b, ch, k-1+L)
     y = F.conv1d(full, conv.weight, conv.bias, groups=conv.groups)  # (b, ch, L)
     return y.transpose(1, 2), full[:, :, full.shape[-1] - (k - 1) :]
+
+
+@dataclass(frozen=True)
+class FusedProjection:
+    """Projections of one input stacked into one matmul (decoding: one kernel instead of several).
+
+    ``weight (sum(sizes), d)`` holds each projection's rows in turn, ``bias`` their biases (zeros
+    for a projection without one; None when none has one). A copy of the weights, taken once: the
+    static decoder (:mod:`surgery.graph_decode`) builds it for the cache it owns.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, linears: Sequence[nn.Linear]) -> FusedProjection:
+        weight = torch.cat([lin.weight for lin in linears])  # (sum(out), d)
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias for lin in linears])
+        return cls(weight, bias, tuple(lin.out_features for lin in linears))
+
+
+def project(u: torch.Tensor, linears: Sequence[nn.Linear], fused: FusedProjection | None) -> list[torch.Tensor]:
+    """``[lin(u) for lin in linears]``, computed as one matmul when ``fused`` (built from the same linears) is given."""
+    if fused is None:
+        return [lin(u) for lin in linears]
+    return list(F.linear(u, fused.weight, fused.bias).split(fused.sizes, dim=-1))
 
 
 def make_conv(channels: int, kernel: int, bias: bool) -> nn.Conv1d | None:

@@ -239,6 +239,14 @@ class Mixer(nn.Module):
             raise ValueError(f"{self.name}: init {', '.join(asked)} needs the teacher's attention weights")
         return asked
 
+    def decode_projections(self) -> list[nn.Linear]:
+        """The linears :meth:`mix` applies to its input, in order, that a decode step may run as one matmul.
+
+        The static decoder stacks them (:class:`~surgery.mixers._common.FusedProjection`) into the
+        cache slot it owns, and :meth:`mix` uses that for one-token calls. Empty (the default): no fusion.
+        """
+        return []
+
     def weight_views(self) -> dict[str, torch.Tensor]:
         """Head-major views of transferable weights, in :class:`AttentionWeights` layout.
 

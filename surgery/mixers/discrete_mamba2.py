@@ -36,6 +36,7 @@ from ._common import (
     check_positive,
     identity_conv_,
     make_conv,
+    project,
     name_modules,
     split_conv_window,
     transfer_qkvo,
@@ -99,13 +100,20 @@ class DiscreteMamba2(Mixer):
 
     # ------------------------------------------------------------------ forward pieces
 
+    def decode_projections(self) -> list[nn.Linear]:
+        return [self.x_proj, self.B_proj, self.C_proj, self.A_log_proj, self.z_proj]
+
     def _matrix_inputs(
-        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
+        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None,
+        projected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """u (b, L, d) -> log_a (b, L, h), B (b, L, n_b, n), C (b, L, n_qk, n), new B|C conv window."""
+        """u (b, L, d) -> log_a (b, L, h), B (b, L, n_b, n), C (b, L, n_qk, n), new B|C conv window.
+
+        ``projected``: ``(B_proj(u), C_proj(u), A_log_proj(u))`` when the caller has them already.
+        """
         b, L, _ = u.shape
-        bc = torch.cat([self.B_proj(u), self.C_proj(u)], dim=-1)  # (b, L, (n_b + n_qk) n)
-        A_log = self.A_log_proj(u)  # (b, L, h)
+        B_raw, C_raw, A_log = projected or (self.B_proj(u), self.C_proj(u), self.A_log_proj(u))
+        bc = torch.cat([B_raw, C_raw], dim=-1)  # (b, L, (n_b + n_qk) n); A_log (b, L, h)
         if valid is not None:
             bc = bc * valid[..., None]  # padding enters the conv as zeros
         bc, window = causal_conv(bc, self.conv_bc, history)  # identity activation
@@ -116,11 +124,12 @@ class DiscreteMamba2(Mixer):
         return log_a, B.reshape(b, L, self.n_b, self.n), C.reshape(b, L, self.n_qk, self.n), window
 
     def _x_inputs(
-        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
+        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None,
+        projected: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """u (b, L, d) -> post-conv x (b, L, h, p) (zero on padding), new x conv window."""
+        """u (b, L, d) -> post-conv x (b, L, h, p) (zero on padding), new x conv window. ``projected``: x_proj(u)."""
         b, L, _ = u.shape
-        x = self.x_proj(u)  # (b, L, d_inner)
+        x = self.x_proj(u) if projected is None else projected  # (b, L, d_inner)
         if valid is not None:
             x = x * valid[..., None]
         x, window = causal_conv(x, self.conv_x, history)
@@ -139,8 +148,10 @@ class DiscreteMamba2(Mixer):
         slot = self.state_slot(cache, L)
         hist_x, hist_bc = split_conv_window(slot.conv_state if slot is not None else None, self.d_inner)
         state = slot.ssm_state if slot is not None else None
-        x, win_x = self._x_inputs(u, mask, hist_x)  # (b, L, h, p)
-        log_a, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc)
+        fused = slot.fused_projection if slot is not None and L == 1 else None
+        x_raw, B_raw, C_raw, A_log, z = project(u, self.decode_projections(), fused)
+        x, win_x = self._x_inputs(u, mask, hist_x, x_raw)  # (b, L, h, p)
+        log_a, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc, (B_raw, C_raw, A_log))
         if state is not None and L == 1:  # decoding: one recurrence step
             y, state = ops.ssd_step(x[:, 0], log_a[:, 0], B[:, 0], C[:, 0], D=self.D, state=state)
             y = y[:, None]  # (b, 1, h, p)
@@ -150,7 +161,6 @@ class DiscreteMamba2(Mixer):
             window = None if win_x is None else torch.cat([win_x, win_bc], dim=1)
             slot.store(state, window, L)
         y = y.reshape(b, L, self.d_inner)
-        z = self.z_proj(u)
         return self.out_proj(y * F.silu(z + self.z_bias))
 
     def matrix_factors(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> MatrixFactors:

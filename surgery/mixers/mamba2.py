@@ -32,6 +32,7 @@ from ._common import (
     log_uniform_,
     make_conv,
     name_modules,
+    project,
     split_conv_window,
     transfer_qkvo,
 )
@@ -98,28 +99,37 @@ class Mamba2(Mixer):
 
     # ------------------------------------------------------------------ forward pieces
 
+    def decode_projections(self) -> list[nn.Linear]:
+        return [self.x_proj, self.B_proj, self.C_proj, self.dt_proj, self.z_proj]
+
     def _matrix_inputs(
-        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
+        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None,
+        projected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """u (b, L, d) -> dt (b, L, h), A (h,), B (b, L, g, n), C (b, L, g, n), new B|C conv window."""
+        """u (b, L, d) -> dt (b, L, h), A (h,), B (b, L, g, n), C (b, L, g, n), new B|C conv window.
+
+        ``projected``: ``(B_proj(u), C_proj(u), dt_proj(u))`` when the caller has them already.
+        """
         b, L, _ = u.shape
-        bc = torch.cat([self.B_proj(u), self.C_proj(u)], dim=-1)  # (b, L, 2 g n)
+        B_raw, C_raw, dt_raw = projected or (self.B_proj(u), self.C_proj(u), self.dt_proj(u))
+        bc = torch.cat([B_raw, C_raw], dim=-1)  # (b, L, 2 g n)
         if valid is not None:
             bc = bc * valid[..., None]
         bc, window = causal_conv(bc, self.conv_bc, history)
         B, C = F.silu(bc).split([self.g * self.n, self.g * self.n], dim=-1)
-        dt = F.softplus(self.dt_proj(u) + self.dt_bias)  # (b, L, h)
+        dt = F.softplus(dt_raw + self.dt_bias)  # (b, L, h)
         if valid is not None:
             dt = dt * valid[..., None]  # padding: decay 1, no input
         A = -torch.exp(self.A_log.float())  # (h,)
         return dt, A, B.reshape(b, L, self.g, self.n), C.reshape(b, L, self.g, self.n), window
 
     def _x_inputs(
-        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None
+        self, u: torch.Tensor, valid: torch.Tensor | None, history: torch.Tensor | None = None,
+        projected: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """u (b, L, d) -> post-conv x (b, L, h, p), new x conv window."""
+        """u (b, L, d) -> post-conv x (b, L, h, p), new x conv window. ``projected``: x_proj(u)."""
         b, L, _ = u.shape
-        x = self.x_proj(u)  # (b, L, d_inner)
+        x = self.x_proj(u) if projected is None else projected  # (b, L, d_inner)
         if valid is not None:
             x = x * valid[..., None]
         x, window = causal_conv(x, self.conv_x, history)
@@ -145,8 +155,10 @@ class Mamba2(Mixer):
         slot = self.state_slot(cache, L)
         hist_x, hist_bc = split_conv_window(slot.conv_state if slot is not None else None, self.d_inner)
         state = slot.ssm_state if slot is not None else None
-        x, win_x = self._x_inputs(u, mask, hist_x)  # (b, L, h, p)
-        dt, A, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc)
+        fused = slot.fused_projection if slot is not None and L == 1 else None
+        x_raw, B_raw, C_raw, dt_raw, z = project(u, self.decode_projections(), fused)
+        x, win_x = self._x_inputs(u, mask, hist_x, x_raw)  # (b, L, h, p)
+        dt, A, B, C, win_bc = self._matrix_inputs(u, mask, hist_bc, (B_raw, C_raw, dt_raw))
         if state is not None and L == 1:  # decoding: one recurrence step
             log_a, x_in = ops.dt_to_decay(x[:, 0], dt[:, 0], A)  # (b, h), (b, h, p)
             y, state = ops.ssd_step(x_in, log_a, B[:, 0], C[:, 0], state=state)
@@ -156,7 +168,7 @@ class Mamba2(Mixer):
         if slot is not None:
             window = None if win_x is None else torch.cat([win_x, win_bc], dim=1)
             slot.store(state, window, L)
-        y = self._gated_norm(y.reshape(b, L, self.d_inner), self.z_proj(u))
+        y = self._gated_norm(y.reshape(b, L, self.d_inner), z)
         return self.out_proj(y)
 
     def matrix_factors(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> MatrixFactors:

@@ -136,7 +136,7 @@ def ssd_step(
         state = xf.new_zeros(b, h, p, Bh.shape[-1])
     decay = torch.exp(log_a.to(dtype))[:, :, None, None]  # (b, h, 1, 1)
     state = decay * state.to(dtype) + xf[..., :, None] * Bh[:, :, None, :]  # (b, h, p, n)
-    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    y = (state * Ch[:, :, None, :]).sum(-1)  # (b, h, p): elementwise, so a compiled step fuses it with the update
     if D is not None:
         y = y + skip_term(D, xf)
     return y.to(x.dtype), state
