@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +40,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
 
 from .hf_conventions import MODEL_CACHE_KEYWORDS, cache_keyword
+
+logger = logging.getLogger("surgery")
 
 __all__ = [
     "MissingStateError", "SSMCacheLayer", "SurgeryCache", "check_continuation_has_state", "enable_recurrent_cache",
@@ -267,6 +270,22 @@ def mixer_layer_indices(model: nn.Module) -> list[int]:
 _SUBCLASSES: dict[type, type] = {}
 
 
+def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, required: bool) -> Any:
+    """``generate``'s output through the captured decode step, or None (the reason logged; raised if ``required``)."""
+    from .graph_generate import fast_path_reason, graph_generate
+
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "inputs")}
+    reason = "positional arguments after the prompt" if len(args) > 1 else fast_path_reason(model, ids, rest)
+    if reason is None:
+        return graph_generate(model, ids, rest)
+    if required:
+        raise ValueError(f"generate(cuda_graph=True): the captured decode step does not apply: {reason}")
+    if isinstance(ids, torch.Tensor) and ids.is_cuda:
+        logger.info("generate: decoding without the captured CUDA-graph step: %s", reason)
+    return None
+
+
 def _recurrent_subclass(cls: type) -> type:
     """A subclass of the model class ``cls`` that creates a :class:`SurgeryCache` by default (cached per class)."""
     if getattr(cls, "_surgery_recurrent", False):
@@ -291,8 +310,16 @@ def _recurrent_subclass(cls: type) -> type:
         return cls.forward(self, *args, **kwargs)
 
     @functools.wraps(cls.generate)
-    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        """``generate`` with a fresh :class:`SurgeryCache` passed in, as a caller-provided cache (public API)."""
+    def generate(self: Any, *args: Any, cuda_graph: bool | None = None, **kwargs: Any) -> Any:
+        """``generate`` with a fresh :class:`SurgeryCache` passed in, as a caller-provided cache (public API).
+
+        On CUDA it decodes through the captured step when it applies (:mod:`surgery.graph_generate`;
+        why not is logged); ``cuda_graph=False`` opts out, ``cuda_graph=True`` raises where it does not apply.
+        """
+        if cuda_graph is not False:
+            fast = _fast_generate(self, args, kwargs, required=bool(cuda_graph))
+            if fast is not None:
+                return fast
         bound = generate_signature.bind_partial(self, *args, **kwargs).arguments
         config = bound.get("generation_config") or self.generation_config
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))

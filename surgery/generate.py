@@ -141,6 +141,11 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
     return True
 
 
+def _graph_choice(model: Any, choice: bool | None) -> dict[str, Any]:
+    """``generate``'s ``cuda_graph`` keyword for a student (:mod:`surgery.graph_generate`); teachers take none."""
+    return {"cuda_graph": choice} if hasattr(model, "new_surgery_cache") else {}
+
+
 def batch_listing(prompts: list[str], texts: list[str]) -> str:
     """Prompts and continuations for a terminal: each under a ``--- i/n ---`` line."""
     n = len(prompts)
@@ -195,7 +200,7 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     graphed = use_graph and _graphed_generate(model, tokenizer, ids, opts, streamer, required=opts.cuda_graph)
     if not graphed:
         model.generate(ids, attention_mask=enc["attention_mask"].to(device), streamer=streamer,
-                       **generation_kwargs(opts, tokenizer, model))
+                       **generation_kwargs(opts, tokenizer, model), **_graph_choice(model, False))
     if stream is not None:
         stream.write("\n")
         stream.flush()
@@ -209,15 +214,18 @@ def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | N
 
     Each prompt and its continuation are written to ``stream`` when the batch is done, under a
     ``--- i/n ---`` line (:func:`batch_listing`). Greedy results equal one :func:`generate_text`
-    per prompt (the recurrent cache honours the padding). Not with ``cuda_graph`` (one prompt at
-    a time there).
+    per prompt (the recurrent cache honours the padding). On CUDA a student's batch decodes through
+    the captured step (:mod:`surgery.graph_generate`) where it applies, unless ``opts.no_cuda_graph``;
+    ``opts.cuda_graph`` makes "where it does not apply" an error.
     """
     from .errors import SurgeryError
 
     opts = opts or GenerateOptions()
-    if opts.cuda_graph:
-        raise SurgeryError("--cuda-graph decodes one prompt at a time; give one prompt, or drop --cuda-graph")
     model, tokenizer, device = _load(model_ref, opts)
+    if opts.cuda_graph and device.type != "cuda":
+        raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
+    if opts.cuda_graph and not hasattr(model, "new_surgery_cache"):
+        raise SurgeryError("--cuda-graph decodes students (a teacher has no recurrent state); drop --cuda-graph")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -226,8 +234,14 @@ def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | N
     if empty:
         raise SurgeryError(f"prompt {empty[0] + 1} encodes to no tokens; give some text to continue")
     width = enc["input_ids"].shape[1]
-    out = model.generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                         **generation_kwargs(opts, tokenizer, model))  # (b, width + new)
+    choice = True if opts.cuda_graph else False if opts.no_cuda_graph else None
+    try:
+        out = model.generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                             **generation_kwargs(opts, tokenizer, model), **_graph_choice(model, choice))  # (b, width + new)
+    except ValueError as err:
+        if opts.cuda_graph and "cuda_graph=True" in str(err):
+            raise SurgeryError(f"--cuda-graph: {err}; generate without --cuda-graph") from err
+        raise
     texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
     if stream is not None:
         stream.write(batch_listing(prompts, texts))

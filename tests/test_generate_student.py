@@ -117,8 +117,8 @@ def test_batched_prompts_equal_one_at_a_time(student_dir: Path) -> None:
     assert buf.getvalue() == "".join(f"--- {i}/3 ---\n{p}{t}\n" for i, (p, t) in enumerate(zip(prompts, texts), 1))
 
 
-def test_batched_prompts_refuse_cuda_graph(student_dir: Path) -> None:
-    with pytest.raises(SurgeryError, match="one prompt at a time"):
+def test_batched_prompts_with_cuda_graph_need_cuda(student_dir: Path) -> None:
+    with pytest.raises(SurgeryError, match="needs a CUDA device"):
         generate_texts(str(student_dir), ["a", "b"], GenerateOptions(cuda_graph=True, **CPU), stream=None)
 
 def test_generate_text_sampling_is_seeded(student_dir: Path) -> None:

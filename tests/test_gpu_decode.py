@@ -105,3 +105,32 @@ def test_generate_text_with_cuda_graph_matches_eager(cuda: torch.device, tmp_pat
                                                                                       cuda_graph=True), stream=None)
         assert eager == default == required, name
     assert built == [True, True, True, True]  # default and required runs captured, graph=False did not build one
+
+
+@pytest.mark.parametrize("name", sorted(STUDENTS))
+def test_model_generate_takes_the_captured_step_by_default(cuda: torch.device, name: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.generate`` on CUDA: the captured step by default, generate's greedy tokens (left padding included)."""
+    import surgery.graph_decode
+
+    built: list[bool] = []
+    init = surgery.graph_decode.GraphedDecoder.__init__
+
+    def counting(self: GraphedDecoder, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        built.append(self.graph is not None)
+
+    monkeypatch.setattr(surgery.graph_decode.GraphedDecoder, "__init__", counting)
+    family, student_rules = STUDENTS[name]
+    model = rewrite(random_model(family), student_rules)[0].to(cuda)
+    ids = torch.randint(4, 260, (2, 37), device=cuda, generator=torch.Generator(cuda).manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # row 1 is left-padded
+    kw = {"attention_mask": mask, "max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        eager = model.generate(ids, cuda_graph=False, **kw)
+        assert built == []
+        fast = model.generate(ids, **kw)
+        required = model.generate(ids, cuda_graph=True, **kw)
+    assert built == [True, True]
+    assert torch.equal(fast, eager) and torch.equal(required, eager)
