@@ -54,6 +54,25 @@ def test_fused_stage1_distance_matches_reference(cuda: torch.device, dtype: torc
     assert not bad, f"{dtype} L={L}: {bad} (all {errors})"
 
 
+def test_fused_stage1_distance_in_batch_slices(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose grid exceeds the launch limit runs in slices, with the reference's value and gradients."""
+    from surgery.ops import launch_limits
+
+    q, k, t = stage1_inputs(cuda, b=5, L=130, w=True, seed=3)
+    monkeypatch.setattr(launch_limits, "GRID_Y_MAX", 2 * 9)  # two rows of 9 heads per launch: slices 2, 2, 1
+    up = torch.randn(5, 9, device=cuda)
+
+    def run(backend, dt):
+        leaves = {n: v.to(dt).clone().requires_grad_() for n, v in t.items()}
+        value = matrix_squared_distance(q.to(dt), k.to(dt), 0.125, MatrixFactors(**leaves), backend=backend)
+        (value * up.to(value.dtype)).sum().backward()
+        return value.detach(), {n: v.grad for n, v in leaves.items()}
+
+    fast, ref = run("fused", torch.float32), run("reference", torch.float64)
+    errors = {"distance": rel(fast[0], ref[0])} | {f"d{n}": rel(fast[1][n], ref[1][n]) for n in fast[1]}
+    assert all(e < TOL[torch.float32] for e in errors.values()), errors
+
+
 def test_fused_stage1_long_sequence_fits_in_little_memory(cuda: torch.device) -> None:
     q, k, t = stage1_inputs(cuda, b=1, L=16384, seed=1)
     q, k = q.bfloat16(), k.bfloat16()

@@ -257,6 +257,27 @@ def test_packed_documents_and_student_shapes(kernel: torch.device, backend: str,
     compare(fast, ref, t, dtype, t["x"].shape, t["initial_state"].shape, kernel)
 
 
+def test_fused_batch_beyond_the_launch_grid_runs_in_slices(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch x heads above CUDA's grid limit (batch 8192, 9 heads failed with "invalid argument"): slices, same result."""
+    ok, why = ops._load("fused")
+    if not ok:
+        pytest.skip(f"fused kernels unavailable: {why}")
+    from surgery.ops import launch_limits
+
+    monkeypatch.setattr(launch_limits, "GRID_Y_MAX", 2 * 4)  # two rows of 4 heads per launch: slices 2, 2, 1
+    t = decay_inputs(torch.float32, cuda, b=5, L=130)
+    seq = torch.zeros(5, 130, dtype=torch.long, device=cuda)
+    seq[:, 70:] = 1
+
+    def fast(x, log_a, B, C, D, initial_state):
+        return ops.ssd(x, log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, seq_idx=seq, backend="fused")
+
+    def ref(x, log_a, B, C, D, initial_state):
+        return ops.ssd(x, log_a, B, C, chunk_size=64, D=D, initial_state=initial_state, seq_idx=seq, backend="reference")
+
+    compare(fast, ref, t, torch.float32, t["x"].shape, t["initial_state"].shape, cuda)
+
+
 def test_fallback_warns_once_and_uses_reference(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "_load", lambda backend: (False, "ImportError: pretend"))
     monkeypatch.setattr(ops, "_WARNED", False)

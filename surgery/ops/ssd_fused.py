@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from surgery.ops import launch_limits
+
 __all__ = ["ssd_fused"]
 
 
@@ -372,4 +374,12 @@ def ssd_fused(
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()
     del chunk_size  # the reference's chunk length; the kernels use their own (CONFIG), the result is the same
-    return _SSDFused.apply(x, log_a, B, C, D, initial_state, seq_idx)
+    parts = launch_limits.batch_slices(x.shape[0], x.shape[2])
+    if len(parts) == 1:
+        return _SSDFused.apply(x, log_a, B, C, D, initial_state, seq_idx)
+    outs = [  # rows are independent: slices keep every launch grid inside CUDA's limit
+        _SSDFused.apply(x[r], log_a[r], B[r], C[r], D, None if initial_state is None else initial_state[r],
+                        None if seq_idx is None else seq_idx[r])
+        for r in parts
+    ]
+    return torch.cat([y for y, _ in outs]), torch.cat([f for _, f in outs])

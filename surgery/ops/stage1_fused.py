@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from surgery.ops import launch_limits
+
 __all__ = ["CONFIG", "squared_distance_fused"]
 
 CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 8}
@@ -265,6 +267,11 @@ def squared_distance_fused(
     C (b, L, gC, n), D (h,), w (b, L, h) column scale. ``B``/``C`` are cast to ``q``'s dtype for the dots.
     """
     dtype = q.dtype
-    return _SquaredDistance.apply(q.detach().contiguous(), k.detach().to(dtype).contiguous(), float(scale),
-                                  log_a.contiguous(), B.to(dtype).contiguous(), C.to(dtype).contiguous(), D,
-                                  None if w is None else w.contiguous())
+    q, k = q.detach().contiguous(), k.detach().to(dtype).contiguous()
+    log_a, B, C = log_a.contiguous(), B.to(dtype).contiguous(), C.to(dtype).contiguous()
+    w = None if w is None else w.contiguous()
+    # rows are independent: slices keep every launch grid (batch x head on its y axis) inside CUDA's limit
+    return torch.cat([
+        _SquaredDistance.apply(q[r], k[r], float(scale), log_a[r], B[r], C[r], D, None if w is None else w[r])
+        for r in launch_limits.batch_slices(q.shape[0], q.shape[1])
+    ])
