@@ -53,6 +53,40 @@ def test_capacity_stops_at_the_first_batch_out_of_memory(monkeypatch) -> None:
     assert "8: out of memory" in module.table([row], argparse_namespace(module))
 
 
+@pytest.mark.parametrize(("oom_from", "tried", "largest"), [
+    (48, [1, 64, 32], 32),           # the jump overshoots: halve until a batch runs
+    (256, [1, 64, 128, 256], 128),   # the jump fits: double from there
+    (1, [1], 0),                     # not even one sequence fits
+])
+def test_capacity_jumps_to_what_free_memory_allows(monkeypatch, oom_from: int, tried: list[int], largest: int) -> None:
+    module = capacity_module()
+    seen: list[int] = []
+
+    def fake_trial(model, batch, prompt, args, bench):
+        seen.append(batch)
+        if batch >= oom_from:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"cache_bytes": batch * 10, "ms_per_token": 1.0, "tokens_per_s": batch * 1e3}
+
+    monkeypatch.setattr(module, "trial", fake_trial)
+    monkeypatch.setattr(module, "free_bytes", lambda device: 1000)  # 80% of it holds 80 caches of 10 bytes: jump to 64
+    args = module.parse_args(["--cpu", "--max-batch", "4096"])
+    row = module.largest_batch("teacher", None, 128, args, None)
+    assert seen == tried
+    assert row["largest_batch"] == largest
+    assert row["failed_batch"] == min(b for b in tried if b >= oom_from)
+
+
+def test_capacity_without_jump_doubles_from_one(monkeypatch) -> None:
+    module = capacity_module()
+    monkeypatch.setattr(module, "free_bytes", lambda device: 10**12)
+    args = module.parse_args(["--cpu", "--no-jump", "--max-batch", "64"])
+    assert module.jump_target(10, args) == 2
+    args.jump = True
+    assert module.jump_target(10, args) == 64  # capped by --max-batch
+    assert module.jump_target(0, args) == 2
+
+
 def argparse_namespace(module: ModuleType):
     args = module.parse_args(["--cpu"])
     args.dtype = "float32"
