@@ -265,6 +265,8 @@ class Run:
         if not self.ranks.is_main:  # distributed: rank 0 writes the student
             return self.out
         report = build_report(teacher=self.teacher.ref, trail=self.trail, stages=self.stage_info, name=self.recipe.name)
+        for warning in report["warnings"]:
+            logger.warning("warning: %s", warning)
         if self.layer_choice is not None:
             report["layer_choice"] = {"text": self.layer_choice.to_text(), **self.layer_choice.to_dict()}
         with atomic_dir(self.out, overwrite=self.overwrite) as tmp:

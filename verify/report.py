@@ -3,8 +3,9 @@
 ``report.json`` keys: ``teacher``, ``tokens`` per stage, ``stage1.per_node[path].{before,after}``,
 ``stage2.per_block[path].{before,after}``, ``stage3.kl.{before,after}``,
 ``perplexity.{teacher,student_transfer_only,student_final}``, ``top1_agreement``,
-``stages`` (what ran, steps, seconds, tokens/s) and ``measurements`` (every
-held-out measurement in order: ``transfer``, ``after_stage1``, ...).
+``stages`` (what ran, steps, seconds, tokens/s), ``measurements`` (every
+held-out measurement in order: ``transfer``, ``after_stage1``, ...) and ``warnings`` (a
+sentence per stage that ran and ended with its own metric higher than it began).
 """
 
 from __future__ import annotations
@@ -64,7 +65,30 @@ def build_report(
         "top1_agreement": {"student_transfer_only": transfer.top1_agreement, "student_final": final.top1_agreement},
         "heldout_tokens": final.tokens,
         "measurements": {name: m.to_dict() for name, m in trail},
+        "warnings": stage_warnings(
+            stages, {1: (s1_before.mean_stage1, s1_after.mean_stage1), 2: (s2_before.mean_stage2, s2_after.mean_stage2),
+                     3: (s3_before.kl, s3_after.kl)}),
     }
+
+
+METRIC_NAMES = {1: "mean matrix distance", 2: "mean block distance", 3: "KL to the teacher"}
+
+
+def stage_warnings(stages: dict[int, dict[str, Any]], metrics: dict[int, tuple[Any, Any]]) -> list[str]:
+    """A sentence for each stage that ran and raised its own held-out metric, with what to try.
+
+    ``metrics[s] = (before, after)``. A stage that makes its own objective worse on held-out text
+    has usually taken too few steps for its learning-rate warm-up, or a learning rate too high.
+    """
+    out = []
+    for s, (before, after) in metrics.items():
+        info = stages.get(s, {})
+        if not info.get("enabled") or _arrow(before, after) != "higher":
+            continue
+        out.append(f"stage {s} ({STAGE_NAMES[s]}) raised its own metric, the {METRIC_NAMES[s]}, from "
+                   f"{_fmt(before)} to {_fmt(after)} in {info.get('steps', 0)} steps: give it more tokens "
+                   f"(stages.stage{s}.tokens) or a lower learning rate (stages.stage{s}.lr)")
+    return out
 
 
 def _fmt(x: Any) -> str:
@@ -96,6 +120,8 @@ def report_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:  # ty
             f"{info.get('steps', 0)} | {_fmt(info.get('seconds'))} | {_fmt(info.get('tokens_per_s'))} | "
             f"{_fmt(m['before'])} | {_fmt(m['after'])} | {_arrow(m['before'], m['after']) if info.get('enabled') else ''} |"
         )
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     ppl = report["perplexity"]
     top1 = report["top1_agreement"]
     lines += ["", "Stage metrics: 1 = mean Frobenius distance to the teacher attention matrix per node; "
