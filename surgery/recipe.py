@@ -86,7 +86,8 @@ class DataSource(StrictModel):
 
     source: str = Field(
         description=(
-            "'builtin:python-stdlib' (the standard library's .py files), 'builtin:python-docs' "
+            "'builtin:python-stdlib' (the standard library's .py files), 'builtin:python-packages' (the .py "
+            "files of the installed third-party packages but networkx, which bench/quality.py scores on), 'builtin:python-docs' "
             "(pydoc_data English reference prose), 'builtin:wikipedia' (English Wikipedia articles shipped "
             "in gensim's wheel), 'builtin:news' (the Lee news corpus, likewise; kept for evaluation), "
             "'builtin:teacher-samples' (text sampled from the teacher itself, see `sampling`), a glob of "

@@ -23,8 +23,8 @@ from typing import Any
 from ..errors import DataError
 from ..recipe import DataSource
 
-BUILTIN_SOURCES = ("builtin:python-stdlib", "builtin:python-docs", "builtin:wikipedia", "builtin:news",
-                   "builtin:teacher-samples")
+BUILTIN_SOURCES = ("builtin:python-stdlib", "builtin:python-packages", "builtin:python-docs", "builtin:wikipedia",
+                   "builtin:news", "builtin:teacher-samples")
 SHUFFLE_BUFFER = 10_000  # documents in a streamed dataset's shuffle buffer (part of the order, so of the cache key)
 # stdlib directories that are not ordinary library code (tests, tools, data tables, the docs corpus)
 _STDLIB_SKIP_DIRS = frozenset(
@@ -216,6 +216,10 @@ def open_source(spec: DataSource, sampler: Any = None) -> TextSource:
     """The :class:`TextSource` for one recipe data source (``sampler``: the teacher, for ``builtin:teacher-samples``)."""
     if spec.source == "builtin:python-stdlib":
         return StdlibSource(spec)
+    if spec.source == "builtin:python-packages":
+        from .site_packages import PackagesSource
+
+        return PackagesSource(spec)
     if spec.source == "builtin:python-docs":
         return DocsSource(spec)
     if spec.source in ("builtin:wikipedia", "builtin:news"):
