@@ -43,7 +43,7 @@ def build_report(
     s2_before, s2_after = _before_after(trail, 2)
     s3_before, s3_after = _before_after(trail, 3)
     transfer, final = trail[0][1], trail[-1][1]
-    return {
+    report = {
         "name": name,
         "teacher": teacher,
         "tokens": {f"stage{s}": info.get("tokens", 0) if info.get("enabled") else 0 for s, info in stages.items()},
@@ -65,24 +65,29 @@ def build_report(
         "top1_agreement": {"student_transfer_only": transfer.top1_agreement, "student_final": final.top1_agreement},
         "heldout_tokens": final.tokens,
         "measurements": {name: m.to_dict() for name, m in trail},
-        "warnings": stage_warnings(
-            stages, {1: (s1_before.mean_stage1, s1_after.mean_stage1), 2: (s2_before.mean_stage2, s2_after.mean_stage2),
-                     3: (s3_before.kl, s3_after.kl)}),
     }
+    report["warnings"] = stage_warnings(report)
+    return report
 
 
 METRIC_NAMES = {1: "mean matrix distance", 2: "mean block distance", 3: "KL to the teacher"}
 
 
-def stage_warnings(stages: dict[int, dict[str, Any]], metrics: dict[int, tuple[Any, Any]]) -> list[str]:
+def _stage_metrics(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each stage's own metric, ``{"before", "after"}``: mean node distance, mean block distance, KL."""
+    return {1: report["stage1"]["mean"], 2: report["stage2"]["mean"], 3: report["stage3"]["kl"]}
+
+
+def stage_warnings(report: dict[str, Any]) -> list[str]:
     """A sentence for each stage that ran and raised its own held-out metric, with what to try.
 
-    ``metrics[s] = (before, after)``. A stage that makes its own objective worse on held-out text
-    has usually taken too few steps for its learning-rate warm-up, or a learning rate too high.
+    A stage that makes its own objective worse on held-out text has usually taken too few steps
+    for its learning-rate warm-up, or a learning rate too high.
     """
     out = []
-    for s, (before, after) in metrics.items():
-        info = stages.get(s, {})
+    for s, m in _stage_metrics(report).items():
+        info = report["stages"].get(f"stage{s}", {})
+        before, after = m["before"], m["after"]
         if not info.get("enabled") or _arrow(before, after) != "higher":
             continue
         out.append(f"stage {s} ({STAGE_NAMES[s]}) raised its own metric, the {METRIC_NAMES[s]}, from "
@@ -111,7 +116,7 @@ def report_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:  # ty
     lines += [f"Teacher: `{report['teacher']}`; held-out tokens per measurement: {report['heldout_tokens']}.", ""]
     lines += ["## Stages", "", "| stage | ran | tokens | steps | seconds | tokens/s | metric before | after | |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    metric = {1: report["stage1"]["mean"], 2: report["stage2"]["mean"], 3: report["stage3"]["kl"]}
+    metric = _stage_metrics(report)
     for s in (1, 2, 3):
         info = report["stages"].get(f"stage{s}", {})
         m = metric[s]

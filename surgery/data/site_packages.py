@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..recipe import DataSource
-from .sources import _STDLIB_SKIP_DIRS, TextSource
+from .sources import TextSource, library_files
 
 HELD_OUT_PACKAGES = frozenset({"networkx"})  # bench/quality.py's third-party code set: never trained on
 OWN_PACKAGES = frozenset({"surgery", "rewrites", "verify", "bench", "tests"})
@@ -58,9 +58,13 @@ class PackagesSource(TextSource):
         self.roots = site_roots()
 
     @cached_property
+    def _dists(self) -> dict[str, tuple[str, str, str]]:
+        return _distributions()
+
+    @cached_property
     def _files(self) -> dict[str, Path]:
         """doc id -> file, over every readable package directory of every site root."""
-        dists = _distributions()
+        dists = self._dists
         files: dict[str, Path] = {}
         for root in self.roots:
             for top in sorted(os.listdir(root)):
@@ -68,21 +72,17 @@ class PackagesSource(TextSource):
                 if (top in HELD_OUT_PACKAGES or top in OWN_PACKAGES or top not in dists or top.startswith((".", "_"))
                         or not (pkg / "__init__.py").is_file()):
                     continue
-                for dirpath, dirnames, filenames in os.walk(pkg):
-                    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("test", ".")))
-                    for f in filenames:
-                        path = Path(dirpath) / f
-                        if f.endswith(".py") and not f.startswith("test") and path.stat().st_size <= MAX_FILE_BYTES:
-                            files[f"{dists[top][0]}/{path.relative_to(root).as_posix()}"] = path
+                for path in library_files(pkg):
+                    if path.stat().st_size <= MAX_FILE_BYTES:
+                        files[f"{dists[top][0]}/{path.relative_to(root).as_posix()}"] = path
         if not files:
             raise DataError(f"{self.spec.source}: no third-party package source found under {', '.join(map(str, self.roots))}; "
                             "use builtin:python-stdlib or a glob of local files instead")
         return files
 
     def identity(self) -> dict[str, Any]:
-        dists = _distributions()
         read = sorted({doc_id.split("/", 1)[0] for doc_id in self._files})
-        by_name = {d: (v, lic) for d, v, lic in dists.values()}
+        by_name = {d: (v, lic) for d, v, lic in self._dists.values()}
         return {"distributions": [{"name": d, "version": by_name[d][0], "licence": by_name[d][1]} for d in read],
                 "held_out": sorted(HELD_OUT_PACKAGES)}
 

@@ -84,6 +84,16 @@ class TextSource(ABC):
             yield doc_id, partial(self.read, doc_id)
 
 
+def library_files(top: Path) -> Iterator[Path]:
+    """The ``.py`` files below ``top`` that are library code: no test files or directories, none of
+    :data:`_STDLIB_SKIP_DIRS`, nothing hidden."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("test", "."))]
+        for f in filenames:
+            if f.endswith(".py") and not f.startswith("test"):
+                yield Path(dirpath) / f
+
+
 class StdlibSource(TextSource):
     """``builtin:python-stdlib``: the standard library's own ``.py`` files."""
 
@@ -95,12 +105,7 @@ class StdlibSource(TextSource):
         return {"python": sys.version}
 
     def doc_ids(self) -> list[str]:
-        ids = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("test", "."))]
-            rel = Path(dirpath).relative_to(self.root)
-            ids += [(rel / f).as_posix() for f in filenames if f.endswith(".py") and not f.startswith("test")]
-        return sorted(ids)
+        return sorted(path.relative_to(self.root).as_posix() for path in library_files(self.root))
 
     def read(self, doc_id: str) -> str:
         return (self.root / doc_id).read_text(encoding="utf-8", errors="replace")
