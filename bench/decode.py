@@ -4,6 +4,7 @@
                                                     #      batch 1 and 8, contexts 1k / 4k / 16k
     python bench/decode.py --cuda-graph             # also a CUDA-graph-captured student decode step
     python bench/decode.py --cuda-graph --compile   # ... and the same step torch.compile'd before capture
+    python bench/decode.py --compile --tuned --batches 1   # ... and compiled with coordinate-descent tuning
     python bench/decode.py --cuda-graph --hybrid 7  # a hybrid student keeping 7 attention layers (every 4th of 30)
     python bench/decode.py --cpu                    # quick CPU run: context 256, batch 1 and 4
     python bench/decode.py --cpu --teacher random:llama --contexts 32 --batches 1,2 --steps 4   # smoke
@@ -32,7 +33,9 @@ its state tensors, positions and -- hybrids -- a fixed-size KV cache for the kep
 kept in static buffers; :mod:`surgery.graph_decode`) in a CUDA graph and replays it; the first
 replay is checked against an eager step (``graph max|diff|``). On CPU the same static step runs
 uncaptured. ``--compile`` adds ``compiled`` columns: the step wrapped in ``torch.compile`` before
-warm-up and capture, timed in the same run. The step runs each mixer's input projections as one
+warm-up and capture, timed in the same run; ``--tuned`` adds ``tuned`` columns: compiled with
+inductor's coordinate-descent tuning, which at batch 1 fuses each one-row matmul into its neighbours
+as a reduction. The step runs each mixer's input projections as one
 stacked matmul (:func:`surgery.graph_decode.fuse_decode_projections`); ``--unfused`` adds columns for
 the same step (compiled with ``--compile``) with the separate projections. ``--hybrid N`` keeps the attention of N layers, every
 ``n_layers // N``-th (layers 3, 7, ..., 27 of SmolLM2's 30 for N = 7), and converts the rest.
@@ -76,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also time a CUDA-graph-captured student decode step (CPU: the static step, uncaptured)")
     p.add_argument("--compile", action="store_true",
                    help="also time the graphed step torch.compile'd before capture (implies --cuda-graph)")
+    p.add_argument("--tuned", action="store_true",
+                   help="also time the step compiled with inductor's coordinate-descent tuning (one-row matmuls "
+                        "fused as reductions; implies --cuda-graph)")
     p.add_argument("--hybrid", type=int, default=0, metavar="N",
                    help="the student keeps the attention of N evenly spaced layers (every n_layers // N-th)")
     p.add_argument("--mixer", default="discrete_mamba2", help="mixer replacing every attention node")
@@ -93,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (64 if gpu else 16)
     args.warmup = args.warmup if args.warmup is not None else (8 if gpu else 2)
     args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    args.cuda_graph = args.cuda_graph or args.compile or args.unfused
+    args.cuda_graph = args.cuda_graph or args.compile or args.unfused or args.tuned
     if args.hybrid < 0 or (args.hybrid and args.student):
         p.error("--hybrid takes N >= 0 and builds its own student (not with --student)")
     args.fair = gpu if args.fair is None else args.fair
@@ -219,7 +225,8 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     if args.cuda_graph and hasattr(model, "new_surgery_cache"):
         import copy
 
-        variants = [("graph", False, True)] + ([("compiled", True, True)] if args.compile else [])
+        variants = [("graph", False, True)] + ([("compiled", True, True)] if args.compile else []) + (
+            [("tuned", "tuned", True)] if args.tuned else [])
         if args.unfused:  # the best variant above with separate input projections, side by side
             variants.append(("unfused", args.compile, False))
         for prefix, compiled, fuse in variants:  # each from a copy of the same cache (a decoder owns its cache)
@@ -229,7 +236,7 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
 
 
 def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace, *,
-                 compile: bool = False, fuse: bool = True, prefix: str = "graph") -> dict[str, Any]:
+                 compile: bool | str = False, fuse: bool = True, prefix: str = "graph") -> dict[str, Any]:
     """Time the CUDA-graph-captured decode step (:mod:`surgery.graph_decode`; on CPU the static step, uncaptured),
     torch.compile'd first with ``compile``; its first step is checked against an eager, uncompiled step from the
     same state. Keys ``{prefix}_ms_per_token``, ``{prefix}_max_diff`` or ``{prefix}_error``."""
@@ -292,7 +299,7 @@ def fair_ratio(rows: list[dict[str, Any]], batch: int, context: int) -> float | 
     def best(prefix: str) -> float | None:
         times = [t for r in rows if r["model"].startswith(prefix) and (r["batch"], r["context"]) == (batch, context)
                  for t in (r.get("ms_per_token"), r.get("graph_ms_per_token"), r.get("compiled_ms_per_token"),
-                           r.get("unfused_ms_per_token")) if t]
+                           r.get("unfused_ms_per_token"), r.get("tuned_ms_per_token")) if t]
         return min(times) if times else None
 
     teacher, student = best("teacher"), best("student")
@@ -339,7 +346,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gpu = args.device.type == "cuda"
     head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
             "state MiB", "vs teacher", "vs teacher best"]
-    variants = [p for p, on in (("graph", args.cuda_graph), ("compiled", args.compile), ("unfused", args.unfused)) if on]
+    variants = [p for p, on in (("graph", args.cuda_graph), ("compiled", args.compile), ("tuned", args.tuned),
+                                ("unfused", args.unfused)) if on]
     for prefix in variants:
         head += [f"{prefix} ms/token", f"{prefix} vs teacher", f"{prefix} max|diff|"]
     keep = getattr(args, "kept", [])

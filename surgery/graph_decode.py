@@ -16,6 +16,10 @@ the model everything explicitly, from device tensors it advances in place:
 
 ``compile=True`` wraps the step in ``torch.compile(fullgraph=False, dynamic=False)`` before
 warm-up and capture (inductor fuses the per-layer elementwise work; the capture is still ours).
+``compile="tuned"`` adds inductor's coordinate-descent tuning, which also rewrites a matmul with one
+row (batch 1) as a multiply-and-reduce that inductor can fuse with its neighbours (the norm before
+it, the gate after it) instead of a separate GEMV launch; the gpt-fast recipe for launch-bound decode
+(PyTorch team, "Accelerating generative AI with PyTorch II: GPT, Fast", 2023). Compiling takes longer.
 A compile that fails falls back to the plain step with a logged warning and ``compile_error``
 set; it never fails silently. :func:`graph_unsupported_reason` says why a model cannot take
 this path (a teacher, an unknown position convention, sliding-window or flash attention kept).
@@ -30,11 +34,26 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GraphedDecoder", "StaticDecoder", "fuse_decode_projections", "graph_unsupported_reason"]
+__all__ = ["COMPILE_MODES", "GraphedDecoder", "StaticDecoder", "compile_options", "fuse_decode_projections",
+           "graph_unsupported_reason"]
 
 logger = logging.getLogger("surgery")
 _POSITIONS = ("rope", "learned")  # the position conventions the static step feeds (explicit position_ids)
 _MASKED_ATTENTION = ("eager", "sdpa")  # implementations that take the static step's additive 4-D mask
+
+
+COMPILE_MODES: dict[bool | str, dict[str, Any] | None] = {
+    False: None,  # no torch.compile
+    True: {},  # inductor's defaults
+    "tuned": {"coordinate_descent_tuning": True},  # one-row matmuls become fusable reductions
+}
+
+
+def compile_options(compile: bool | str) -> dict[str, Any] | None:
+    """Inductor options for a ``compile`` setting (None: do not compile); an unknown setting raises ``ValueError``."""
+    if not isinstance(compile, (bool, str)) or compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r}: expected one of {sorted(map(repr, COMPILE_MODES))}")
+    return COMPILE_MODES[compile]
 
 
 def kept_attention_layers(model: nn.Module) -> list[int]:
@@ -127,11 +146,12 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, cache: Any, first_ids: torch.Tensor, *, greedy: bool = True,
                  max_len: int | None = None, attention_mask: torch.Tensor | None = None,
-                 compile: bool = False, fuse: bool = True) -> None:
+                 compile: bool | str = False, fuse: bool = True) -> None:
         from .cache import SSMCacheLayer
         from .hf_conventions import cache_keyword
         from .static_kv import KVMask, freeze_kv_layers
 
+        options = compile_options(compile)  # an unknown setting raises before anything is built
         self.model, self.cache, self.greedy = model, cache, greedy
         self.slots = [s for s in cache.layers if isinstance(s, SSMCacheLayer)]
         if not self.slots:
@@ -164,8 +184,8 @@ class StaticDecoder:
         self.compile_error: str | None = None
         self._fn = self._run
         self._compiled = self._compile_ok = False
-        if compile:
-            self._fn = torch.compile(self._run, fullgraph=False, dynamic=False)
+        if options is not None:
+            self._fn = torch.compile(self._run, fullgraph=False, dynamic=False, options=options or None)
             self._compiled = True
 
     @property
@@ -254,7 +274,7 @@ class GraphedDecoder:
 
     def __init__(self, model: nn.Module, cache: Any, first_ids: torch.Tensor, *, greedy: bool = False,
                  capture: bool | None = None, warmup: int = 3, max_len: int | None = None,
-                 attention_mask: torch.Tensor | None = None, compile: bool = False, fuse: bool = True) -> None:
+                 attention_mask: torch.Tensor | None = None, compile: bool | str = False, fuse: bool = True) -> None:
         reason = graph_unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"cannot graph-capture this student's decode step: {reason}")

@@ -99,3 +99,15 @@ def test_decode_bench_compile_side_by_side_cpu(capsys) -> None:
     assert "compiled_error" not in student and "graph_error" not in student, student
     assert student["compiled_max_diff"] < 1e-4 and student["graph_max_diff"] < 1e-4
     assert "| compiled ms/token |" in capsys.readouterr().out
+
+
+def test_tuned_variant_counts_in_the_fair_ratio() -> None:
+    module = bench_module("bench_decode_tuned")
+    args = module.parse_args(["--cpu", "--tuned"])
+    assert args.tuned and args.cuda_graph and not args.compile  # --tuned alone implies the graph columns
+    shape = {"batch": 1, "context": 8, "tokens_per_s": 1.0}
+    rows = [{"model": "teacher", **shape, "ms_per_token": 4.0},
+            {"model": "student", **shape, "ms_per_token": 3.0, "graph_ms_per_token": 2.0, "graph_max_diff": 0.0,
+             "tuned_ms_per_token": 0.8, "tuned_max_diff": 0.0}]
+    assert module.fair_ratio(rows, 1, 8) == 4.0 / 0.8
+    assert "| tuned ms/token |" in module.table(rows, args)

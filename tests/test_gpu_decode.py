@@ -32,7 +32,7 @@ STUDENTS = {  # name -> (family, rules)
 }
 
 
-def decode(model: torch.nn.Module, ids: torch.Tensor, *, compile: bool, forced: torch.Tensor | None = None
+def decode(model: torch.nn.Module, ids: torch.Tensor, *, compile: bool | str, forced: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, GraphedDecoder]:
     """Prefill eagerly, then NEW - 1 captured steps: greedy inside the graph, or fed ``forced (b, NEW)`` tokens."""
     out = model(ids, use_cache=True)
@@ -61,6 +61,21 @@ def test_captured_greedy_decode_equals_generate_fp32(cuda: torch.device, name: s
         tokens, logits, _ = decode(model, ids, compile=compile)
     assert torch.equal(tokens, want.sequences[:, 37:])
     assert (logits - torch.stack(want.logits, 1)).abs().max() < (1e-3 if compile else 1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-discrete_mamba2", "llama-hybrid"])
+def test_tuned_compile_at_batch_1_equals_generate_fp32(cuda: torch.device, name: str) -> None:
+    """compile="tuned" at batch 1, where inductor turns each one-row matmul into a fused reduction."""
+    family, student_rules = STUDENTS[name]
+    model = rewrite(random_model(family), student_rules)[0].to(cuda)
+    ids = torch.randint(4, 260, (1, 29), device=cuda, generator=torch.Generator(cuda).manual_seed(2))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+        tokens, logits, dec = decode(model, ids, compile="tuned")
+    assert dec.step.compiled
+    assert torch.equal(tokens, want.sequences[:, 29:])
+    assert (logits - torch.stack(want.logits, 1)).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["captured", "compiled"])

@@ -7,7 +7,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.generate import next_token
-from surgery.graph_decode import GraphedDecoder, graph_unsupported_reason
+from surgery.graph_decode import GraphedDecoder, StaticDecoder, compile_options, graph_unsupported_reason
 from surgery.hf_conventions import output_cache
 from surgery.options import GenerateOptions
 from surgery.random_models import random_model
@@ -107,6 +107,16 @@ def test_compiled_static_step_equals_generate() -> None:
     assert dec.compile_error is None and dec.step.compiled
     assert torch.equal(tokens, want)
     assert (logits - want_logits).abs().max() < 1e-4
+
+
+def test_compile_modes_name_inductor_options_and_refuse_unknown_ones() -> None:
+    assert compile_options(False) is None and compile_options(True) == {}
+    assert compile_options("tuned") == {"coordinate_descent_tuning": True}
+    for bad in ("max", 1, 0, None):
+        with pytest.raises(ValueError, match="compile="):
+            compile_options(bad)
+    with pytest.raises(ValueError, match="compile='fast'"):  # refused before anything is compiled
+        StaticDecoder(student(), None, torch.zeros(1, 1, dtype=torch.long), compile="fast")
 
 
 def test_unsupported_students_are_refused_with_a_reason() -> None:
