@@ -270,7 +270,8 @@ def mixer_layer_indices(model: nn.Module) -> list[int]:
 _SUBCLASSES: dict[type, type] = {}
 
 
-def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, required: bool) -> Any:
+def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, required: bool,
+                   compile: bool | str = False) -> Any:
     """``generate``'s output through the captured decode step, or None (the reason logged; raised if ``required``)."""
     from .graph_generate import fast_path_reason, graph_generate
 
@@ -278,7 +279,7 @@ def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "inputs")}
     reason = "positional arguments after the prompt" if len(args) > 1 else fast_path_reason(model, ids, rest)
     if reason is None:
-        return graph_generate(model, ids, rest)
+        return graph_generate(model, ids, rest, compile=compile)
     if required:
         raise ValueError(f"generate(cuda_graph=True): the captured decode step does not apply: {reason}")
     if isinstance(ids, torch.Tensor) and ids.is_cuda:
@@ -310,14 +311,23 @@ def _recurrent_subclass(cls: type) -> type:
         return cls.forward(self, *args, **kwargs)
 
     @functools.wraps(cls.generate)
-    def generate(self: Any, *args: Any, cuda_graph: bool | None = None, **kwargs: Any) -> Any:
+    def generate(self: Any, *args: Any, cuda_graph: bool | None = None, compile_step: bool | str = False,
+                 **kwargs: Any) -> Any:
         """``generate`` with a fresh :class:`SurgeryCache` passed in, as a caller-provided cache (public API).
 
         On CUDA it decodes through the captured step when it applies (:mod:`surgery.graph_generate`;
         why not is logged); ``cuda_graph=False`` opts out, ``cuda_graph=True`` raises where it does not apply.
+        ``compile_step`` (True or "tuned"): torch.compile the captured step first
+        (:func:`surgery.graph_decode.compile_options`; compiled once per model, batch and mode in a process).
         """
+        from .graph_decode import compile_options
+
+        compile_options(compile_step)  # an unknown setting raises here, before any work
+        if compile_step and cuda_graph is False:
+            raise ValueError(f"generate(compile_step={compile_step!r}) compiles the captured decode step, which "
+                             "cuda_graph=False turns off; give one")
         if cuda_graph is not False:
-            fast = _fast_generate(self, args, kwargs, required=bool(cuda_graph))
+            fast = _fast_generate(self, args, kwargs, required=bool(cuda_graph), compile=compile_step)
             if fast is not None:
                 return fast
         bound = generate_signature.bind_partial(self, *args, **kwargs).arguments

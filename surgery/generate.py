@@ -121,7 +121,7 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
     try:
         out = model(ids, use_cache=True)
         token = next_token(out.logits[:, -1], opts, generator)  # (1, 1)
-        decoder = GraphedDecoder(model, output_cache(out), token, capture=True,
+        decoder = GraphedDecoder(model, output_cache(out), token, capture=True, compile=opts.step_compile,
                                  max_len=ids.shape[1] + opts.max_new_tokens)  # sizes a hybrid's kept KV
     except Exception as err:  # noqa: BLE001 - the fast path is optional here: say why, then decode the usual way
         if required:
@@ -141,9 +141,12 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
     return True
 
 
-def _graph_choice(model: Any, choice: bool | None) -> dict[str, Any]:
-    """``generate``'s ``cuda_graph`` keyword for a student (:mod:`surgery.graph_generate`); teachers take none."""
-    return {"cuda_graph": choice} if hasattr(model, "new_surgery_cache") else {}
+def _graph_choice(model: Any, choice: bool | None, compile: bool | str = False) -> dict[str, Any]:
+    """``generate``'s ``cuda_graph`` and ``compile_step`` keywords for a student (:mod:`surgery.graph_generate`);
+    teachers take none."""
+    if not hasattr(model, "new_surgery_cache"):
+        return {}
+    return {"cuda_graph": choice, **({"compile_step": compile} if compile else {})}
 
 
 def batch_listing(prompts: list[str], texts: list[str]) -> str:
@@ -237,7 +240,8 @@ def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | N
     choice = True if opts.cuda_graph else False if opts.no_cuda_graph else None
     try:
         out = model.generate(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                             **generation_kwargs(opts, tokenizer, model), **_graph_choice(model, choice))  # (b, width + new)
+                             **generation_kwargs(opts, tokenizer, model),
+                             **_graph_choice(model, choice, opts.step_compile))  # (b, width + new)
     except ValueError as err:
         if opts.cuda_graph and "cuda_graph=True" in str(err):
             raise SurgeryError(f"--cuda-graph: {err}; generate without --cuda-graph") from err

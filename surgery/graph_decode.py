@@ -14,7 +14,7 @@ the model everything explicitly, from device tensors it advances in place:
   (:mod:`surgery.static_kv`); the KV capacity (``max_len``) is fixed when the decoder is built;
 * the cache's host-side token counts are pinned to the prefill length before every step.
 
-``compile=True`` wraps the step in ``torch.compile(fullgraph=False, dynamic=False)`` before
+``compile=True`` wraps the step in ``torch.compile(fullgraph=False)`` before
 warm-up and capture (inductor fuses the per-layer elementwise work; the capture is still ours).
 ``compile="tuned"`` adds inductor's coordinate-descent tuning, which also rewrites a matmul with one
 row (batch 1) as a multiply-and-reduce that inductor can fuse with its neighbours (the norm before
@@ -185,7 +185,9 @@ class StaticDecoder:
         self._fn = self._run
         self._compiled = self._compile_ok = False
         if options is not None:
-            self._fn = torch.compile(self._run, fullgraph=False, dynamic=False, options=options or None)
+            # dynamic=None: a second prefill length compiles once more with the length symbolic; later
+            # lengths, and later decoders of the same model, batch and mode, reuse the compiled step
+            self._fn = torch.compile(self._run, fullgraph=False, dynamic=None, options=options or None)
             self._compiled = True
 
     @property

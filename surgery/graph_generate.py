@@ -5,7 +5,9 @@ default on CUDA when it applies: greedy or sampled decoding (temperature, top-k,
 padding handled like transformers' ``generate``, left-padded batches, a streamer. The prompt is
 prefilled with the model's forward (the chunked scan), then each token is one replay of the
 captured step. ``generate(..., cuda_graph=False)`` opts out; ``cuda_graph=True`` makes a call
-that cannot take the path an error instead of a fallback; either way :func:`fast_path_reason` says
+that cannot take the path an error instead of a fallback; ``compile_step=True`` or ``"tuned"``
+torch.compiles the step before capturing it (once per model, batch and mode in a process:
+:mod:`surgery.graph_decode`); either way :func:`fast_path_reason` says
 why not (a beam search, a logits processor, CPU, an unsupported student, ...), logged at INFO.
 
 Greedy decoding gives generate's tokens (tests/test_graph_generate.py on CPU, uncaptured;
@@ -111,11 +113,12 @@ def _choose(logits: torch.Tensor, config: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def graph_generate(model: Any, input_ids: torch.Tensor, kwargs: dict[str, Any], *, capture: bool = True) -> torch.Tensor:
+def graph_generate(model: Any, input_ids: torch.Tensor, kwargs: dict[str, Any], *, capture: bool = True,
+                   compile: bool | str = False) -> torch.Tensor:
     """``generate``'s output ids ``(b, L + new)`` through :class:`~surgery.graph_decode.GraphedDecoder`.
 
     Call :func:`fast_path_reason` first (this does not check). ``capture=False`` runs the same
-    static step uncaptured (CPU tests).
+    static step uncaptured (CPU tests). ``compile``: see :class:`~surgery.graph_decode.StaticDecoder`.
     """
     from .graph_decode import GraphedDecoder
     from .hf_conventions import output_cache
@@ -134,7 +137,8 @@ def graph_generate(model: Any, input_ids: torch.Tensor, kwargs: dict[str, Any], 
     out = model(input_ids, use_cache=True, **prefill)
     token = _choose(out.logits[:, -1], config)  # (b,)
     decoder = GraphedDecoder(model, output_cache(out), token[:, None], greedy=not config.do_sample, capture=capture,
-                             max_len=length + new, attention_mask=attention_mask if padded else None)
+                             max_len=length + new, attention_mask=attention_mask if padded else None,
+                             compile=compile)
     del out
     if streamer is not None:
         streamer.put(input_ids.cpu())

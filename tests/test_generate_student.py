@@ -194,3 +194,14 @@ def test_cuda_graph_and_no_cuda_graph_together_are_refused_by_name() -> None:
     done = subprocess.run([sys.executable, "-m", "surgery", "generate", "random:llama", "x", "--cuda-graph",
                            "--no-cuda-graph"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "contradict each other" in done.stderr, done.stderr
+
+
+def test_compile_is_refused_without_the_graph_and_maps_to_the_decoder_setting() -> None:
+    with pytest.raises(ValueError, match="--compile tuned compiles the captured decode step"):
+        GenerateOptions(compile="tuned", no_cuda_graph=True)
+    with pytest.raises(ValueError, match="compile"):
+        GenerateOptions(compile="fast")
+    assert [GenerateOptions(compile=c).step_compile for c in ("off", "on", "tuned")] == [False, True, "tuned"]
+    done = subprocess.run([sys.executable, "-m", "surgery", "generate", "random:llama", "x", "--compile", "on",
+                           "--no-cuda-graph"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "turns off" in done.stderr, done.stderr

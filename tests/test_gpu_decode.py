@@ -78,6 +78,18 @@ def test_tuned_compile_at_batch_1_equals_generate_fp32(cuda: torch.device, name:
     assert (logits - torch.stack(want.logits, 1)).abs().max() < 1e-3
 
 
+def test_generate_with_compile_step_equals_eager_generate(cuda: torch.device) -> None:
+    """``model.generate(compile_step="tuned")`` on CUDA: the compiled, captured step gives eager generate's tokens."""
+    family, student_rules = STUDENTS["llama-hybrid"]
+    model = rewrite(random_model(family), student_rules)[0].to(cuda)
+    ids = torch.randint(4, 260, (1, 23), device=cuda, generator=torch.Generator(cuda).manual_seed(3))
+    kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        want = model.generate(ids, cuda_graph=False, **kw)
+        got = model.generate(ids, cuda_graph=True, compile_step="tuned", **kw)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["captured", "compiled"])
 @pytest.mark.parametrize("name", ["llama-hybrid", "gpt2-discrete_mamba2"])
 def test_captured_decode_bf16_within_tolerance(cuda: torch.device, name: str, compile: bool) -> None:

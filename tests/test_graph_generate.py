@@ -33,6 +33,34 @@ def test_greedy_tokens_equal_generate(mixer: str, keep: list[int] | None, family
     assert torch.equal(got, want)
 
 
+def test_compile_step_is_checked_before_any_work() -> None:
+    model, ids = student(), prompt()
+    with pytest.raises(ValueError, match="compile='fast'"):
+        model.generate(ids, compile_step="fast", max_new_tokens=4)
+    with pytest.raises(ValueError, match="cuda_graph=False turns off"):
+        model.generate(ids, compile_step=True, cuda_graph=False, max_new_tokens=4)
+
+
+@pytest.mark.slow  # inductor on CPU: ~25 s cold for the two compiles
+def test_compiled_step_is_shared_by_later_calls_of_other_lengths() -> None:
+    """Compiled greedy decoding equals generate; a second prompt length compiles once more (the length made
+    symbolic), a third length and a repeat compile nothing."""
+    from torch._dynamo.utils import counters
+
+    model = rewrite(random_model("llama", num_hidden_layers=1), [ReplaceRule(mixer="discrete_mamba2",
+                                                                             params={"chunk_size": 16})])[0].eval()
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    graphs = []
+    for length in (7, 9, 12, 7):
+        ids = prompt(b=1, length=length, seed=length)
+        with torch.no_grad():
+            want = model.generate(ids, cuda_graph=False, **kw)
+        assert torch.equal(graph_generate(model, ids, kw, capture=False, compile=True), want)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0] > 0  # the second length recompiled ...
+    assert graphs[3] == graphs[2] == graphs[1]  # ... and nothing after it did
+
+
 def test_eos_stops_rows_and_pads_them_like_generate() -> None:
     model, ids = student(), prompt(b=3, seed=1)
     with torch.no_grad():
