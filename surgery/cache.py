@@ -270,9 +270,13 @@ def mixer_layer_indices(model: nn.Module) -> list[int]:
 _SUBCLASSES: dict[type, type] = {}
 
 
-def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, required: bool,
+def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, required: str | None,
                    compile: bool | str = False) -> Any:
-    """``generate``'s output through the captured decode step, or None (the reason logged; raised if ``required``)."""
+    """``generate``'s output through the captured decode step, or None (the reason logged).
+
+    ``required``: the keyword that asked for the step (``"cuda_graph=True"``, ``"compile_step=..."``); where the
+    step does not apply, that is a ``ValueError`` naming it instead of a fallback.
+    """
     from .graph_generate import fast_path_reason, graph_generate
 
     ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
@@ -281,7 +285,7 @@ def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     if reason is None:
         return graph_generate(model, ids, rest, compile=compile)
     if required:
-        raise ValueError(f"generate(cuda_graph=True): the captured decode step does not apply: {reason}")
+        raise ValueError(f"generate({required}): the captured decode step does not apply: {reason}")
     if isinstance(ids, torch.Tensor) and ids.is_cuda:
         logger.info("generate: decoding without the captured CUDA-graph step: %s", reason)
     return None
@@ -318,7 +322,8 @@ def _recurrent_subclass(cls: type) -> type:
         On CUDA it decodes through the captured step when it applies (:mod:`surgery.graph_generate`;
         why not is logged); ``cuda_graph=False`` opts out, ``cuda_graph=True`` raises where it does not apply.
         ``compile_step`` (True or "tuned"): torch.compile the captured step first
-        (:func:`surgery.graph_decode.compile_options`; compiled once per model, batch and mode in a process).
+        (:func:`surgery.graph_decode.compile_options`; compiled once per model, batch and mode in a process);
+        like ``cuda_graph=True``, it raises where the step does not apply.
         """
         from .graph_decode import compile_options
 
@@ -327,7 +332,8 @@ def _recurrent_subclass(cls: type) -> type:
             raise ValueError(f"generate(compile_step={compile_step!r}) compiles the captured decode step, which "
                              "cuda_graph=False turns off; give one")
         if cuda_graph is not False:
-            fast = _fast_generate(self, args, kwargs, required=bool(cuda_graph), compile=compile_step)
+            required = "cuda_graph=True" if cuda_graph else f"compile_step={compile_step!r}" if compile_step else None
+            fast = _fast_generate(self, args, kwargs, required=required, compile=compile_step)
             if fast is not None:
                 return fast
         bound = generate_signature.bind_partial(self, *args, **kwargs).arguments

@@ -174,7 +174,7 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     ``graph``: None (default) decodes a student through the captured CUDA-graph step on CUDA when
     it applies (:func:`graph_decode_reason`; why not is logged), else with ``generate``; False
     always uses ``generate`` (the opt-out; ``opts.no_cuda_graph``, ``--no-cuda-graph``, does the same).
-    ``opts.cuda_graph`` requires the graph and raises when it does not apply.
+    ``opts.cuda_graph`` (or ``opts.compile``) requires the graph and raises when it does not apply.
     """
     from .errors import SurgeryError
 
@@ -187,12 +187,13 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     if opts.no_cuda_graph:
         graph = False
     use_graph = False
-    if opts.cuda_graph or graph is not False:
+    flag = opts.graph_flag
+    if flag or graph is not False:
         reason = graph_decode_reason(model, ids)
-        if opts.cuda_graph and not ids.is_cuda:
-            raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
-        if opts.cuda_graph and reason is not None:
-            raise SurgeryError(f"--cuda-graph: {reason}; generate without --cuda-graph")
+        if flag and not ids.is_cuda:
+            raise SurgeryError(f"{flag} needs a CUDA device (use --device cuda, or drop {flag})")
+        if flag and reason is not None:
+            raise SurgeryError(f"{flag}: {reason}; generate without {flag}")
         use_graph = reason is None
         if reason is not None:
             (logger.info if ids.is_cuda else logger.debug)("decoding with generate, not a CUDA graph: %s", reason)
@@ -200,7 +201,7 @@ def generate_text(model_ref: str, prompt: str, opts: GenerateOptions | None = No
     if stream is not None:
         stream.write(prompt)
         stream.flush()
-    graphed = use_graph and _graphed_generate(model, tokenizer, ids, opts, streamer, required=opts.cuda_graph)
+    graphed = use_graph and _graphed_generate(model, tokenizer, ids, opts, streamer, required=flag is not None)
     if not graphed:
         model.generate(ids, attention_mask=enc["attention_mask"].to(device), streamer=streamer,
                        **generation_kwargs(opts, tokenizer, model), **_graph_choice(model, False))
@@ -219,16 +220,17 @@ def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | N
     ``--- i/n ---`` line (:func:`batch_listing`). Greedy results equal one :func:`generate_text`
     per prompt (the recurrent cache honours the padding). On CUDA a student's batch decodes through
     the captured step (:mod:`surgery.graph_generate`) where it applies, unless ``opts.no_cuda_graph``;
-    ``opts.cuda_graph`` makes "where it does not apply" an error.
+    ``opts.cuda_graph`` (or ``opts.compile``) makes "where it does not apply" an error.
     """
     from .errors import SurgeryError
 
     opts = opts or GenerateOptions()
     model, tokenizer, device = _load(model_ref, opts)
-    if opts.cuda_graph and device.type != "cuda":
-        raise SurgeryError("--cuda-graph needs a CUDA device (use --device cuda, or drop --cuda-graph)")
-    if opts.cuda_graph and not hasattr(model, "new_surgery_cache"):
-        raise SurgeryError("--cuda-graph decodes students (a teacher has no recurrent state); drop --cuda-graph")
+    flag = opts.graph_flag
+    if flag and device.type != "cuda":
+        raise SurgeryError(f"{flag} needs a CUDA device (use --device cuda, or drop {flag})")
+    if flag and not hasattr(model, "new_surgery_cache"):
+        raise SurgeryError(f"{flag} decodes students (a teacher has no recurrent state); drop {flag}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -243,8 +245,8 @@ def generate_texts(model_ref: str, prompts: list[str], opts: GenerateOptions | N
                              **generation_kwargs(opts, tokenizer, model),
                              **_graph_choice(model, choice, opts.step_compile))  # (b, width + new)
     except ValueError as err:
-        if opts.cuda_graph and "cuda_graph=True" in str(err):
-            raise SurgeryError(f"--cuda-graph: {err}; generate without --cuda-graph") from err
+        if flag and "the captured decode step does not apply" in str(err):
+            raise SurgeryError(f"{flag}: {err}; generate without {flag}") from err
         raise
     texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
     if stream is not None:

@@ -79,7 +79,8 @@ class GenerateOptions(Options):
         default="off",
         description="torch.compile the captured decode step before capturing it (CUDA): 'on' with inductor's "
         "defaults, 'tuned' with coordinate-descent tuning, the fastest at batch 1 (0.9 ms/token against 4.5 "
-        "uncompiled for SmolLM2's student on an H200). Compiling takes 30-60 s, once per model and process.",
+        "uncompiled for SmolLM2's student on an H200). Compiling takes 30-60 s, once per model and process. "
+        "Like --cuda-graph, a student the captured step does not apply to is an error.",
     )
 
     @model_validator(mode="after")
@@ -90,6 +91,11 @@ class GenerateOptions(Options):
             raise ValueError(f"--compile {self.compile} compiles the captured decode step, which --no-cuda-graph "
                              "turns off; give one")
         return self
+
+    @property
+    def graph_flag(self) -> str | None:
+        """The flag that requires the captured step (``--cuda-graph``, or ``--compile`` which compiles it), or None."""
+        return "--cuda-graph" if self.cuda_graph else f"--compile {self.compile}" if self.compile != "off" else None
 
     @property
     def step_compile(self) -> bool | str:

@@ -205,3 +205,6 @@ def test_compile_is_refused_without_the_graph_and_maps_to_the_decoder_setting() 
     done = subprocess.run([sys.executable, "-m", "surgery", "generate", "random:llama", "x", "--compile", "on",
                            "--no-cuda-graph"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "turns off" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "surgery", "generate", "random:llama", "x", "--compile", "tuned",
+                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode != 0 and "--compile tuned needs a CUDA device" in done.stderr, done.stderr

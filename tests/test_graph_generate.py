@@ -39,6 +39,9 @@ def test_compile_step_is_checked_before_any_work() -> None:
         model.generate(ids, compile_step="fast", max_new_tokens=4)
     with pytest.raises(ValueError, match="cuda_graph=False turns off"):
         model.generate(ids, compile_step=True, cuda_graph=False, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"generate\(compile_step='tuned'\): the captured decode step does not apply: "
+                                         "it needs a CUDA device"):  # asked for, so never a silent fallback
+        model.generate(ids, compile_step="tuned", max_new_tokens=12)
 
 
 @pytest.mark.slow  # inductor on CPU: ~25 s cold for the two compiles
