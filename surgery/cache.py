@@ -268,6 +268,7 @@ def mixer_layer_indices(model: nn.Module) -> list[int]:
 
 
 _SUBCLASSES: dict[type, type] = {}
+_ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")  # generate's speculative modes
 
 
 def _fast_generate(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, required: str | None,
@@ -338,6 +339,12 @@ def _recurrent_subclass(cls: type) -> type:
                 return fast
         bound = generate_signature.bind_partial(self, *args, **kwargs).arguments
         config = bound.get("generation_config") or self.generation_config
+        assisted = [k for k in _ASSISTED if kwargs.get(k, getattr(config, k, None)) is not None]
+        if assisted:  # transformers >= 5.25 would try, and crop a state that keeps no history
+            raise ValueError(
+                f"generate({assisted[0]}=...): assisted / speculative decoding rolls back rejected tokens, which a "
+                "student's stateful recurrent cache cannot do; generate without it"
+            )
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
         if implementation not in (None, "dynamic"):
             raise ValueError(

@@ -109,6 +109,8 @@ def test_generate_refuses_static_cache_and_assisted_decoding() -> None:
         model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
     with pytest.raises(ValueError, match="stateful"):
         model.generate(ids, max_new_tokens=2, assistant_model=random_model("llama"), pad_token_id=0)
+    with pytest.raises(ValueError, match=r"prompt_lookup_num_tokens=\.\.\.\): assisted / speculative"):
+        model.generate(ids, max_new_tokens=2, prompt_lookup_num_tokens=2, pad_token_id=0)
 
 
 def test_model_without_mixers_is_untouched() -> None:
