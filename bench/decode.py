@@ -225,14 +225,24 @@ def measure(model: torch.nn.Module, batch: int, context: int, args: argparse.Nam
     if args.cuda_graph and hasattr(model, "new_surgery_cache"):
         import copy
 
-        variants = [("graph", False, True)] + ([("compiled", True, True)] if args.compile else []) + (
-            [("tuned", "tuned", True)] if args.tuned else [])
-        if args.unfused:  # the best variant above with separate input projections, side by side
-            variants.append(("unfused", args.compile, False))
-        for prefix, compiled, fuse in variants:  # each from a copy of the same cache (a decoder owns its cache)
+        for prefix, compiled, fuse in graph_variants(args):  # each from a copy of the same cache (a decoder owns its cache)
             row.update(graph_decode(model, copy.deepcopy(cache), nxt, args, compile=compiled, fuse=fuse, prefix=prefix))
     del cache, step_kw
     return row
+
+
+VARIANTS = ("graph", "compiled", "tuned", "unfused")  # the graph-step column groups, in table order
+
+
+def graph_variants(args: argparse.Namespace) -> list[tuple[str, bool | str, bool]]:
+    """``(prefix, compile, fuse)`` of each graph-step variant the flags ask for, in :data:`VARIANTS` order."""
+    if not args.cuda_graph:
+        return []
+    asked = {"graph": (False, True), "compiled": (True, True) if args.compile else None,
+             "tuned": ("tuned", True) if args.tuned else None,
+             # the best variant above with separate input projections, side by side
+             "unfused": (args.compile, False) if args.unfused else None}
+    return [(p, *asked[p]) for p in VARIANTS if asked[p] is not None]
 
 
 def graph_decode(model: torch.nn.Module, cache: Any, nxt: torch.Tensor, args: argparse.Namespace, *,
@@ -298,8 +308,7 @@ def fair_ratio(rows: list[dict[str, Any]], batch: int, context: int) -> float | 
     """Fastest teacher ms/token over the fastest student ms/token (eager or graph) at one shape."""
     def best(prefix: str) -> float | None:
         times = [t for r in rows if r["model"].startswith(prefix) and (r["batch"], r["context"]) == (batch, context)
-                 for t in (r.get("ms_per_token"), r.get("graph_ms_per_token"), r.get("compiled_ms_per_token"),
-                           r.get("unfused_ms_per_token"), r.get("tuned_ms_per_token")) if t]
+                 for t in (r.get("ms_per_token"), *(r.get(f"{v}_ms_per_token") for v in VARIANTS)) if t]
         return min(times) if times else None
 
     teacher, student = best("teacher"), best("student")
@@ -346,8 +355,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gpu = args.device.type == "cuda"
     head = ["model", "batch", "context", "prefill ms", "prefill peak MiB", "ms/token", "tok/s", "decode peak MiB",
             "state MiB", "vs teacher", "vs teacher best"]
-    variants = [p for p, on in (("graph", args.cuda_graph), ("compiled", args.compile), ("tuned", args.tuned),
-                                ("unfused", args.unfused)) if on]
+    variants = [p for p, _, _ in graph_variants(args)]
     for prefix in variants:
         head += [f"{prefix} ms/token", f"{prefix} vs teacher", f"{prefix} max|diff|"]
     keep = getattr(args, "kept", [])

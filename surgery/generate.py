@@ -144,9 +144,7 @@ def _graphed_generate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Gener
 def _graph_choice(model: Any, choice: bool | None, compile: bool | str = False) -> dict[str, Any]:
     """``generate``'s ``cuda_graph`` and ``compile_step`` keywords for a student (:mod:`surgery.graph_generate`);
     teachers take none."""
-    if not hasattr(model, "new_surgery_cache"):
-        return {}
-    return {"cuda_graph": choice, **({"compile_step": compile} if compile else {})}
+    return {"cuda_graph": choice, "compile_step": compile} if hasattr(model, "new_surgery_cache") else {}
 
 
 def batch_listing(prompts: list[str], texts: list[str]) -> str:
