@@ -50,6 +50,7 @@ def test_compiled_step_is_shared_by_later_calls_of_other_lengths() -> None:
     symbolic), a third length and a repeat compile nothing."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # what earlier tests compiled (and the lengths they saw) must not count here
     model = rewrite(random_model("llama", num_hidden_layers=1), [ReplaceRule(mixer="discrete_mamba2",
                                                                              params={"chunk_size": 16})])[0].eval()
     kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
