@@ -3,6 +3,7 @@
     python bench/train.py                                  # GPU: recipes/smollm2_mamba_gpu.yaml's shapes, 6 timed steps
     python bench/train.py recipes/smollm2_hybrid.yaml --steps 4 --stages 3
     python bench/train.py --cpu-smoke                      # tiny random teacher on CPU (CI runs this)
+    python bench/train.py --stages 3 --paths fast --profile /tmp/prof   # where one step's time goes
 
 For each stage and path, the recipe's own objective and stage runner (the code ``surgery apply``
 runs) train the recipe's student for ``--warmup`` untimed and ``--steps`` timed optimizer steps
@@ -14,6 +15,12 @@ length and precision. Paths:
   stage 3 on full ``(b, L, vocab)`` logits: what surgery ran before the fused kernels;
 * ``fast``  -- the defaults: fused SSD kernels on CUDA, stage 1 from the teacher's ``q``/``k``
   without ``L x L`` tensors, stage 3 fused with the LM heads.
+
+``--profile DIR`` runs one more optimizer step per stage and path under ``torch.profiler`` and
+prints where its time went: wall time against the time the device was busy (a gap means the host
+launching kernels is the limit), the kernel time by kind (matmuls, Triton kernels, convolutions,
+element-wise, reductions, copies) and the top kernels; ``DIR`` gets the tables and a Chrome trace
+per stage and path (open in https://ui.perfetto.dev).
 
 Columns: tokens/s; MFU = 8 x teacher parameters x tokens/s / ``--peak-tflops`` (the convention of
 the throughput issue: a teacher forward, 2N, and a student forward and backward, 6N, per token,
@@ -34,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from surgery import ops  # noqa: E402
 
@@ -60,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for MFU (H200 measured: ~790)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny random teacher on CPU, one step each")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile one more step per stage and path; tables and Chrome traces go to DIR")
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.recipe = str(ROOT / "recipes" / "tiny.yaml")
@@ -105,6 +115,10 @@ def run_stage(stage: int, path: str, recipe: Any, teacher: torch.nn.Module, stud
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        if args.profile:
+            from step_profile import profile_run
+
+            profile_run(runner(1, 3).run, device, Path(args.profile) / f"stage{stage}-{path}")
     tokens = args.steps * cfg.tokens_per_step
     n_params = sum(p.numel() for p in teacher.parameters())
     rate = tokens / seconds
