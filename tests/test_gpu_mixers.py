@@ -289,3 +289,58 @@ def test_fallback_warns_once_and_uses_reference(cuda: torch.device, monkeypatch:
         ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=16)  # no second warning
     y_ref, _ = ops.ssd(t["x"], t["log_a"], t["B"], t["C"], chunk_size=16, backend="reference")
     assert torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 1024, 576, 4), (2, 301, 768, 4), (3, 50, 40, 3)])
+def test_fused_causal_conv_matches_reference(cuda: torch.device, dtype: torch.dtype, shape: tuple) -> None:
+    """The fused depthwise causal conv (output, dx, dweight, dbias) against F.conv1d in float64."""
+    ok, why = ops._load("fused")
+    if not ok:
+        pytest.skip(f"fused kernels unavailable: {why}")
+    from surgery.ops.conv_fused import causal_conv1d_fused
+
+    b, L, ch, K = shape
+    g = torch.Generator(device=cuda).manual_seed(L)
+    x = torch.randn(b, L, ch, generator=g, device=cuda).to(dtype)
+    w = torch.randn(ch, K, generator=g, device=cuda)  # parameters stay float32, as under autocast
+    bias = torch.randn(ch, generator=g, device=cuda)
+    dy = torch.randn(b, L, ch, generator=g, device=cuda)
+
+    def run(fn, inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        y.backward(dy.to(y.dtype))
+        return [y.detach(), *(t.grad for t in leaves)]
+
+    def reference(x_, w_, b_):
+        return F.conv1d(F.pad(x_.transpose(1, 2), (K - 1, 0)), w_[:, None], b_, groups=ch).transpose(1, 2)
+
+    fast = run(causal_conv1d_fused, [x, w, bias])
+    ref = run(reference, [x.double(), w.double(), bias.double()])
+    errors = {name: rel(a, r) for name, a, r in zip(("y", "dx", "dw", "dbias"), fast, ref)}
+    assert fast[0].dtype == dtype and fast[1].dtype == dtype and fast[2].dtype == torch.float32
+    bad = {k: v for k, v in errors.items() if not v < TOL[dtype]}
+    assert not bad, f"{dtype}: relative errors above {TOL[dtype]}: {bad} (all: {errors})"
+
+
+def test_mixer_conv_dispatches_to_the_fused_kernel_on_cuda(cuda: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixer's conv on CUDA runs the fused kernel (window included) and equals the F.conv1d path."""
+    from surgery.mixers._common import causal_conv, make_conv
+    from surgery.ops import conv_fused
+
+    calls = []
+    kernel = conv_fused.causal_conv1d_fused
+    monkeypatch.setattr(conv_fused, "causal_conv1d_fused", lambda *a: calls.append(1) or kernel(*a))
+
+    conv = make_conv(96, 4, True).to(cuda)
+    x = torch.randn(2, 70, 96, device=cuda)
+    y_fast, win_fast = causal_conv(x, conv, None)
+    with ops.use_backend("reference"):
+        y_ref, win_ref = causal_conv(x, conv, None)
+    assert calls == [1], "the fused conv was not called on CUDA"
+    assert rel(y_fast, y_ref) < 1e-3 and torch.equal(win_fast, win_ref)
+    short = x[:, :2]  # shorter than the window: zero-padded on the left, like the reference
+    with ops.use_backend("reference"):
+        ref_short = causal_conv(short, conv, None)[1]
+    assert torch.equal(causal_conv(short, conv, None)[1], ref_short)

@@ -121,9 +121,42 @@ STAGE1 = textwrap.dedent(PROBE + """
     print(json.dumps(out))
 """)
 
+CONV = textwrap.dedent(PROBE + """
+    from surgery.ops.conv_fused import CONFIG, causal_conv1d_fused
+
+    CONFIG.update(block_t=16, block_c=16)
+    out = {}
+    for name, (b, L, ch, K, bias) in {
+        "bias": (2, 37, 24, 4, True),  # lengths and channels not multiples of the tiles
+        "no_bias": (1, 20, 16, 3, False),
+        "shorter_than_kernel": (2, 2, 5, 4, True),
+        "kernel_1": (1, 19, 7, 1, True),
+    }.items():
+        g = torch.Generator().manual_seed(len(out) + 7)
+        t = {"x": torch.randn(b, L, ch, generator=g), "w": torch.randn(ch, K, generator=g),
+             "bias": torch.randn(ch, generator=g) if bias else None}
+        dy = torch.randn(b, L, ch, generator=g)
+
+        def run(fn, dtype):
+            leaves = {k: (v.to(dtype).clone().requires_grad_() if v is not None else None) for k, v in t.items()}
+            y = fn(leaves)
+            y.backward(dy.to(dtype))
+            return y.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
+
+        def reference(l):  # F.conv1d on the zero-padded, transposed input: (b, ch, K-1+L) -> (b, L, ch)
+            full = F.pad(l["x"].transpose(1, 2), (K - 1, 0))
+            return F.conv1d(full, l["w"][:, None], l["bias"], groups=ch).transpose(1, 2)
+
+        fast = run(lambda l: causal_conv1d_fused(l["x"], l["w"], l["bias"]), torch.float32)
+        ref = run(reference, torch.float64)
+        out[name] = {"y": rel(fast[0], ref[0])} | {"d" + k: rel(fast[1][k], ref[1][k]) for k in fast[1]}
+    print(json.dumps(out))
+""")
+
 
 def interpret(script: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -150,3 +183,11 @@ def test_fused_stage1_distance_matches_float64_reference_in_the_interpreter() ->
     bad = {case: {k: v for k, v in errs.items() if not v < 1e-5} for case, errs in result.items()}
     assert not any(bad.values()), f"relative errors above 1e-5 (float32 vs float64): {bad}; all: {result}"
     assert set(result["dt_scale_odd_sizes"]) == {"distance", "dlog_a", "dB", "dC", "dD", "dw"}
+
+
+@needs_triton
+def test_fused_causal_conv_matches_float64_reference_in_the_interpreter() -> None:
+    result = interpret(CONV)
+    bad = {case: {k: v for k, v in errs.items() if not v < 1e-5} for case, errs in result.items()}
+    assert not any(bad.values()), f"relative errors above 1e-5 (float32 vs float64): {bad}; all: {result}"
+    assert set(result["bias"]) == {"y", "dx", "dw", "dbias"} and set(result["no_bias"]) == {"y", "dx", "dw"}

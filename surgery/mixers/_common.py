@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..mixer_options import check_divides  # noqa: F401 - re-exported for the mixers
 
 if TYPE_CHECKING:
@@ -72,6 +73,13 @@ def causal_conv(
         if conv.bias is not None:
             y = y + conv.bias.to(acc)
         return y.to(x.dtype)[:, None], full[:, :, 1:]
+    if history is None and ops.conv_kernel_applies(x):  # training / a first prefill on CUDA: one fused kernel
+        from ..ops.conv_fused import causal_conv1d_fused
+
+        y = causal_conv1d_fused(x, conv.weight[:, 0], conv.bias)  # (b, L, ch)
+        kept = min(x.shape[1], k - 1)
+        window = F.pad(x[:, x.shape[1] - kept :].transpose(1, 2), (k - 1 - kept, 0))  # (b, ch, k-1)
+        return y, window
     if history is None:
         history = xt.new_zeros(xt.shape[0], xt.shape[1], k - 1)
     full = torch.cat([history.to(xt.dtype), xt], dim=-1)  # (b, ch, k-1+L)

@@ -15,6 +15,9 @@ CUDA tensors, the first of fused / mamba-ssm that imports (:data:`PREFERENCE`), 
 reference with a one-time warning. CPU tensors always take the reference and never import
 triton or mamba_ssm.
 
+:func:`conv_kernel_applies` says whether a mixer's short causal convolution runs on the fused
+Triton kernel (:mod:`surgery.ops.conv_fused`): CUDA tensors, under any backend but ``"reference"``.
+
 :func:`ssd_step` (one decoding step) and :func:`ssd_matrix` (the materialised mixing matrix
 for MOHAWK stage 1, Bick et al. 2024, arXiv 2408.10189) are plain torch on every device.
 """
@@ -46,6 +49,7 @@ if _DEFAULT_BACKEND not in BACKENDS:
 __all__ = [
     "Backend",
     "compute_dtype",
+    "conv_kernel_applies",
     "kernel_available",
     "segsum",
     "skip_term",
@@ -96,6 +100,11 @@ def kernel_available(device: torch.device | str, backend: str = "fused") -> bool
     if torch.device(device).type != "cuda":
         return False
     return _load(backend)[0]
+
+
+def conv_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the depthwise causal conv of ``x`` runs on the fused kernel (CUDA, not the reference backend)."""
+    return x.is_cuda and x.shape[1] > 0 and _DEFAULT_BACKEND != "reference" and _load("fused")[0]
 
 
 def _fits(candidate: str, dims: tuple[int, int]) -> tuple[bool, str | None]:
