@@ -14,7 +14,10 @@ length and precision. Paths:
   attention probabilities replayed under eager attention and the materialised student matrix,
   stage 3 on full ``(b, L, vocab)`` logits: what surgery ran before the fused kernels;
 * ``fast``  -- the defaults: fused SSD kernels on CUDA, stage 1 from the teacher's ``q``/``k``
-  without ``L x L`` tensors, stage 3 fused with the LM heads.
+  without ``L x L`` tensors, stage 3 fused with the LM heads;
+* ``compiled`` -- ``fast`` with the decoder blocks under ``torch.compile``
+  (:func:`verify.compiled.compiled_blocks`): the student's in stages 2-3, the teacher's in stage 3
+  (stage 1 has no row: its teacher records calls through hooks and the student runs no blocks).
 
 ``--profile DIR`` runs one more optimizer step per stage and path under ``torch.profiler`` and
 prints where its time went: wall time against the time the device was busy (a gap means the host
@@ -104,7 +107,14 @@ def run_stage(stage: int, path: str, recipe: Any, teacher: torch.nn.Module, stud
         return StageRunner(stage, stage_config(cfg, steps), objective, RandomBatches(vocab, cfg.micro_batch, seq_len, seed),
                            seq_len=seq_len, device=device, precision=recipe.precision, log=log, save=lambda *a: None)
 
-    with backend:
+    with backend, contextlib.ExitStack() as compiled:
+        if path == "compiled":
+            from verify.compiled import compiled_blocks
+
+            blocks = [n.block for n in nodes]
+            compiled.enter_context(compiled_blocks(student, blocks))
+            if stage == 3:
+                compiled.enter_context(compiled_blocks(teacher, blocks))
         runner(args.warmup, 1).run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not recipe.stage(stage).enabled:
                 continue
             for path in args.paths.split(","):
+                if path == "compiled" and stage == 1:
+                    continue
                 rows.append(run_stage(stage, path, recipe, teacher, student, nodes, device, args, log))
         log.close()
     header = "| stage | path | micro-batch x seq | tokens/s | MFU | peak GiB | fast / plain |"

@@ -32,7 +32,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from .hf_conventions import MODEL_CACHE_KEYWORDS, cache_keyword
 logger = logging.getLogger("surgery")
 
 __all__ = [
-    "MissingStateError", "SSMCacheLayer", "SurgeryCache", "check_continuation_has_state", "enable_recurrent_cache",
+    "MissingStateError", "SSMCacheLayer", "SurgeryCache", "check_continuation_has_state", "enable_recurrent_cache", "fresh_sequences",
     "mixer_layer_indices", "surgery_cache",
 ]
 
@@ -236,6 +237,25 @@ def surgery_cache(cache: Any) -> SurgeryCache:
     )
 
 
+_FRESH_SEQUENCES = 0  # > 0 inside fresh_sequences()
+
+
+@contextmanager
+def fresh_sequences() -> Iterator[None]:
+    """Inside the block, every call starts its sequences at position 0 without a cache (training batches).
+
+    Mixers then skip :func:`check_continuation_has_state`: its read of ``position_ids`` waits for
+    the device once per layer and call, which in training stalls the queue of kernels 30 times a
+    forward. The stage runner trains inside this block.
+    """
+    global _FRESH_SEQUENCES
+    _FRESH_SEQUENCES += 1
+    try:
+        yield
+    finally:
+        _FRESH_SEQUENCES -= 1
+
+
 def check_continuation_has_state(cache: Any, layer_idx: int, position_ids: Any) -> None:
     """Raise :class:`MissingStateError` when a call continues a sequence but mixer ``layer_idx`` has no state.
 
@@ -243,7 +263,7 @@ def check_continuation_has_state(cache: Any, layer_idx: int, position_ids: Any) 
     position 0, left-padded rows included); without state in ``cache`` (or without a cache) the
     mixer would decode those tokens as if nothing came before them.
     """
-    if not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
+    if _FRESH_SEQUENCES or not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
         return
     if cache is not None:
         full = cache if isinstance(cache, SSMCacheLayer) else surgery_cache(cache)

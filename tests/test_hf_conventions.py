@@ -135,3 +135,15 @@ def test_cache_keyword_and_output_cache() -> None:
     out = model(torch.randint(3, 300, (1, 4)), use_cache=True)
     assert isinstance(output_cache(out), SurgeryCache)
     assert output_cache({"past_key_values": 1}) == 1 and output_cache({"cache": 2}) == 2 and output_cache({}) is None
+
+
+def test_fresh_sequences_skips_only_the_continuation_check() -> None:
+    """Training batches start at 0: inside fresh_sequences() the per-layer host read is skipped; outside it raises again."""
+    from surgery.cache import fresh_sequences
+
+    model = student()
+    nxt, positions = torch.randint(3, 300, (2, 1)), torch.full((2, 1), 6)
+    with fresh_sequences():
+        model(nxt, position_ids=positions, use_cache=False)  # no check: the caller vouches for position 0 starts
+    with pytest.raises(MissingStateError, match="no cache"):
+        model(nxt, position_ids=positions, use_cache=False)

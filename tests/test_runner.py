@@ -137,3 +137,17 @@ def test_checkpoint_for_another_model_is_a_clear_error(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ck", Toy(), {"step": 0})
     with pytest.raises(TrainingError, match="does not fit this student"):
         load_student(tmp_path / "ck", nn.Linear(2, 2))
+
+
+def test_runner_trains_inside_fresh_sequences(tmp_path: Path) -> None:
+    """Micro-steps run inside surgery.cache.fresh_sequences (mixers skip their per-layer host read), and only they do."""
+    import surgery.cache as cache
+
+    model = Toy()
+    runner = runner_for(model, tmp_path)
+    seen: list[int] = []
+    step = runner.objective.train_step
+    runner.objective.train_step = lambda ids, scale: (seen.append(cache._FRESH_SEQUENCES), step(ids, scale))[1]
+    runner.run()
+    assert seen and all(v == 1 for v in seen)
+    assert cache._FRESH_SEQUENCES == 0

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from surgery.cache import fresh_sequences
 from surgery.errors import TrainingError
 from surgery.log import progress
 from surgery.recipe import Recipe, StageConfig
@@ -139,7 +140,7 @@ class StageRunner:
         scale = 1.0 / self.plan.accumulation
         for _ in range(self.plan.micro_steps):  # this rank's share; scale is over all ranks
             batch = self.batches.next().to(self.device, non_blocking=True)
-            with autocast(self.precision, self.device):
+            with autocast(self.precision, self.device), fresh_sequences():  # no host read per mixer call
                 metrics = self.objective.train_step(batch, scale)
             for key, value in metrics.items():
                 value = torch.as_tensor(value, device=self.device).detach().float() * scale

@@ -125,6 +125,7 @@ class _CausalConvFused(torch.autograd.Function):
         return dx, dw, db
 
 
+@torch.compiler.disable  # an opaque call inside compiled blocks (verify/compiled.py)
 def causal_conv1d_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (b, L, ch), weight (ch, K), bias (ch,) or None -> y (b, L, ch) in x's dtype (zeros before the start).
 

@@ -348,6 +348,7 @@ def _doc_start_correction(dg: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tens
     return torch.gather(after, 1, end_of[..., None].expand_as(after))
 
 
+@torch.compiler.disable  # an opaque call inside compiled blocks (verify/compiled.py)
 def ssd_fused(
     x: torch.Tensor,
     log_a: torch.Tensor,

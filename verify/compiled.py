@@ -1,0 +1,33 @@
+"""Decoder blocks compiled with ``torch.compile`` while a stage trains.
+
+At 135M parameters a training step is many small kernels (norms, activations, casts, residual
+adds around each matmul); inductor fuses the element-wise work of a block into a few kernels.
+The fused Triton kernels (SSD, causal conv) stay opaque calls (``torch.compiler.disable``).
+Blocks are compiled in place (``nn.Module.compile``) and restored on exit; one graph serves
+every block of the same class and shapes (parameters are graph inputs). Modules that get
+forward hooks per step (the teacher in stages 1-2, which records its calls) are not compiled:
+new hooks would recompile every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def compiled_blocks(model: nn.Module, paths: list[str], **options: Any) -> Iterator[list[nn.Module]]:
+    """Within the block, the submodules of ``model`` at ``paths`` run compiled (``torch.compile`` options)."""
+    modules = [model.get_submodule(p) for p in paths]
+    for module in modules:
+        module.compile(**{"dynamic": False, **options})  # shapes are fixed per stage; symbolic ones tripped inductor
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            module._compiled_call_impl = None  # back to eager (nn.Module.compile's own slot)
+        torch._dynamo.reset()  # compiled graphs bake in kernel choices; the next use re-traces
