@@ -102,3 +102,31 @@ def test_stage3_fused_matches_full_logits_under_bf16(cuda: torch.device) -> None
         out[fused] = (metrics["loss"].item(), {n: p.grad.float() for n, p in student.named_parameters() if p.grad is not None})
     assert out[True][0] == pytest.approx(out[False][0], rel=2e-2)
     assert all(rel(out[True][1][n], out[False][1][n]) < 5e-2 for n in out[True][1])
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_fused_distill_loss_compiled_on_cuda_matches_float64(cuda: torch.device, ce_weight: float) -> None:
+    """The chunk terms run compiled on CUDA (float32 here): loss and every gradient against full float64 logits."""
+    import torch.nn.functional as F
+
+    from surgery.ops.distill_loss import fused_distill_loss
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device=cuda).manual_seed(5)
+    N, d, V, T = 300, 64, 1000, 2.0
+    hs, Ws, bs = (torch.randn(*s, generator=g, device=cuda) for s in ((N, d), (V, d), (V,)))
+    ht, Wt = torch.randn(N, d, generator=g, device=cuda), torch.randn(V, d, generator=g, device=cuda)
+    y = torch.randint(0, V, (N,), generator=g, device=cuda)
+    y[-5:] = -1
+    leaves = [t.clone().requires_grad_() for t in (hs, Ws, bs)]
+    loss, _, _ = fused_distill_loss(*leaves, ht, Wt, None, y, temperature=T, kl_weight=0.7, ce_weight=ce_weight, chunk=128)
+    got = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.double().requires_grad_() for t in (hs, Ws, bs)]
+    s, z = F.linear(*ref_leaves), F.linear(ht.double(), Wt.double())
+    lt, ls = F.log_softmax(z / T, -1), F.log_softmax(s / T, -1)
+    ref = 0.7 * T**2 * (lt.exp() * (lt - ls)).sum(-1).mean()
+    if ce_weight:
+        ref = ref + ce_weight * F.cross_entropy(s[y >= 0], y[y >= 0])
+    want = torch.autograd.grad(ref, ref_leaves)
+    assert rel(loss, ref) < 1e-4
+    assert all(rel(a, b) < 1e-3 for a, b in zip(got, want)), [rel(a, b) for a, b in zip(got, want)]
