@@ -88,7 +88,10 @@ def test_fused_stage1_long_sequence_fits_in_little_memory(cuda: torch.device) ->
     assert extra < 1.0, f"stage-1 loss at L=16384 used {extra:.2f} GiB beyond its inputs"  # L x L bf16 x 9 heads = 4.5 GiB
 
 
-def test_stage3_fused_matches_full_logits_under_bf16(cuda: torch.device) -> None:
+@pytest.mark.parametrize("new_kernels", ["0", "1"])
+def test_stage3_fused_matches_full_logits_under_bf16(cuda: torch.device, new_kernels: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURGERY_NEW_GPU_KERNELS", new_kernels)  # the compiled chunk terms, and without them
     teacher = random_model("llama").to(cuda).eval()
     ids = torch.randint(3, 300, (4, 64), device=cuda)
     out = {}
@@ -105,10 +108,12 @@ def test_stage3_fused_matches_full_logits_under_bf16(cuda: torch.device) -> None
 
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3])
-def test_fused_distill_loss_compiled_on_cuda_matches_float64(cuda: torch.device, ce_weight: float) -> None:
+def test_fused_distill_loss_compiled_on_cuda_matches_float64(cuda: torch.device, ce_weight: float,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The chunk terms run compiled on CUDA (float32 here): loss and every gradient against full float64 logits."""
     import torch.nn.functional as F
 
+    monkeypatch.setenv("SURGERY_NEW_GPU_KERNELS", "1")  # opt-in until this test has passed on a GPU
     from surgery.ops.distill_loss import fused_distill_loss
 
     torch.backends.cuda.matmul.allow_tf32 = False

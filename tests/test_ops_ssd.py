@@ -219,3 +219,14 @@ def test_no_decay_is_a_unit_transition() -> None:
     y_ref, s_ref = ssd_naive(t["x"], torch.zeros(t["x"].shape[:3], dtype=F64), t["B"], t["C"], D=t["D"],
                              initial_state=t["initial_state"])
     assert rel(y, y_ref) < 1e-10 and rel(s, s_ref) < 1e-10
+
+
+def test_new_gpu_kernels_are_opt_in_and_never_on_cpu(monkeypatch) -> None:
+    """The fused conv stays off unless SURGERY_NEW_GPU_KERNELS=1, and CPU tensors never take it."""
+    from surgery import ops
+
+    x = torch.randn(1, 4, 3)
+    monkeypatch.delenv("SURGERY_NEW_GPU_KERNELS", raising=False)
+    assert not ops.new_gpu_kernels() and not ops.conv_kernel_applies(x)
+    monkeypatch.setenv("SURGERY_NEW_GPU_KERNELS", "1")
+    assert ops.new_gpu_kernels() and not ops.conv_kernel_applies(x)  # CPU: the F.conv1d path, no triton import

@@ -16,7 +16,9 @@ reference with a one-time warning. CPU tensors always take the reference and nev
 triton or mamba_ssm.
 
 :func:`conv_kernel_applies` says whether a mixer's short causal convolution runs on the fused
-Triton kernel (:mod:`surgery.ops.conv_fused`): CUDA tensors, under any backend but ``"reference"``.
+Triton kernel (:mod:`surgery.ops.conv_fused`): CUDA tensors, under any backend but ``"reference"``,
+and only with ``SURGERY_NEW_GPU_KERNELS=1`` until the kernel has passed its GPU tests
+(:func:`new_gpu_kernels`; it passes Triton's interpreter against float64 on CPU).
 
 :func:`ssd_step` (one decoding step) and :func:`ssd_matrix` (the materialised mixing matrix
 for MOHAWK stage 1, Bick et al. 2024, arXiv 2408.10189) are plain torch on every device.
@@ -50,6 +52,7 @@ __all__ = [
     "Backend",
     "compute_dtype",
     "conv_kernel_applies",
+    "new_gpu_kernels",
     "kernel_available",
     "segsum",
     "skip_term",
@@ -102,9 +105,20 @@ def kernel_available(device: torch.device | str, backend: str = "fused") -> bool
     return _load(backend)[0]
 
 
+def new_gpu_kernels() -> bool:
+    """Whether ``SURGERY_NEW_GPU_KERNELS=1``: GPU paths written but not yet run on a GPU machine are used.
+
+    The fused causal conv and the compiled stage-3 loss terms pass their float64 checks on CPU
+    (Triton's interpreter, plain torch); until their GPU tests (tests/test_gpu_mixers.py,
+    tests/test_gpu_losses.py) have passed on the GPU they are opt-in, read at each call.
+    """
+    return os.environ.get("SURGERY_NEW_GPU_KERNELS", "0") == "1"
+
+
 def conv_kernel_applies(x: torch.Tensor) -> bool:
     """Whether the depthwise causal conv of ``x`` runs on the fused kernel (CUDA, not the reference backend)."""
-    return x.is_cuda and x.shape[1] > 0 and _DEFAULT_BACKEND != "reference" and _load("fused")[0]
+    return (x.is_cuda and x.shape[1] > 0 and _DEFAULT_BACKEND != "reference" and new_gpu_kernels()
+            and _load("fused")[0])
 
 
 def _fits(candidate: str, dims: tuple[int, int]) -> tuple[bool, str | None]:

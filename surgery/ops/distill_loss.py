@@ -29,7 +29,7 @@ def _chunk_terms(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, has: torch.T
     ``g = kl_coef (softmax(s/T) - softmax(t/T)) + ce_weight / n_ce (softmax(s) - onehot(y))`` (rows
     with a target), returned in ``out_dtype`` (the dtype its two matmuls run in). Element-wise and
     row reductions only: on CUDA this function runs compiled (:func:`_terms_fn`), one fused pass
-    instead of a dozen over ``(c, V)`` float32 tensors.
+    instead of a dozen over ``(c, V)`` float32 tensors (opt-in until checked on a GPU).
     """
     acc = _acc_dtype(s)
     log_pt = F.log_softmax(t.to(acc) / T, dim=-1)  # (c, V)
@@ -52,8 +52,11 @@ _COMPILED: dict[str, object] = {}
 
 
 def _terms_fn(device: torch.device):
-    """:func:`_chunk_terms`, compiled with inductor on CUDA (once per process), eager elsewhere."""
-    if device.type != "cuda":
+    """:func:`_chunk_terms`, compiled with inductor on CUDA (once per process) with
+    ``SURGERY_NEW_GPU_KERNELS=1`` (:func:`surgery.ops.new_gpu_kernels`), eager elsewhere."""
+    from . import new_gpu_kernels
+
+    if device.type != "cuda" or not new_gpu_kernels():
         return _chunk_terms
     if "cuda" not in _COMPILED:
         _COMPILED["cuda"] = torch.compile(_chunk_terms, dynamic=False)
