@@ -135,3 +135,29 @@ def test_fused_distill_loss_compiled_on_cuda_matches_float64(cuda: torch.device,
     want = torch.autograd.grad(ref, ref_leaves)
     assert rel(loss, ref) < 1e-4
     assert all(rel(a, b) < 1e-3 for a, b in zip(got, want)), [rel(a, b) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_training_micro_step_never_waits_for_the_device(cuda: torch.device, stage: int) -> None:
+    """Inside the runner's context (autocast, fresh_sequences) a micro-step queues kernels and reads nothing back:
+    CUDA's sync debug mode raises on any synchronising call (``.item()``, ``int(tensor)``, a device-to-host copy)."""
+    from surgery.cache import fresh_sequences
+    from verify.stage1_matrix import MatrixOrientation
+    from verify.stage2_hidden import HiddenStateAlignment
+
+    teacher = random_model("llama").to(cuda).eval()
+    student = naive_student(teacher).eval()
+    nodes = replaced_nodes(student)
+    make = {1: MatrixOrientation, 2: HiddenStateAlignment, 3: Distillation}[stage]
+    objective = make(teacher, student, nodes)
+    objective.freeze_others()
+    ids = torch.randint(3, 300, (2, 64), device=cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16), fresh_sequences():
+        objective.train_step(ids, 1.0)  # the first step may decide paths (one probe read); later ones may not read
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            metrics = objective.train_step(ids, 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.as_tensor(metrics["loss"])).all()
