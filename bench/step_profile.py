@@ -21,9 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 # matches none and is a bare identifier is a Triton kernel (ours, mamba-ssm's or inductor's
 # ``triton_*``): CUDA library kernels carry namespaces, templates or these prefixes.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),  # before convolution: cuDNN's SDPA kernels say "cudnn"
     ("convolution", ("conv", "cudnn", "wgrad", "dgrad", "fprop", "implicit")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "sm100_", "cublas", "matmul", "addmm")),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("triton", ("triton_",)),
     ("reduction", ("reduce", "softmax", "norm", "sum_", "welford")),
     ("copy / cast", ("copy", "cat", "memcpy", "memset", "fill", "index", "gather", "scatter")),
@@ -34,6 +34,8 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def kind_of(name: str) -> str:
     """The kind of a kernel, from its name (``other`` when no pattern matches)."""
     low = name.lower()
+    if re.fullmatch(r"_[A-Za-z0-9_]*|triton_[A-Za-z0-9_]*", name):  # surgery's and mamba-ssm's Triton kernels are _private
+        return "triton"
     for kind, patterns in KINDS:
         if any(p in low for p in patterns):
             return kind

@@ -137,6 +137,10 @@ def test_fused_distill_loss_compiled_on_cuda_matches_float64(cuda: torch.device,
     assert all(rel(a, b) < 1e-3 for a, b in zip(got, want)), [rel(a, b) for a, b in zip(got, want)]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known, not yet located: on an H100 (2026-12-07) each stage's micro-step still made a synchronising call "
+    "after the mixers' own was removed; candidates are transformers' mask preparation (packed-sequence "
+    "detection from position_ids, padding_mask.all()). strict: this test says so once it is fixed"))
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_training_micro_step_never_waits_for_the_device(cuda: torch.device, stage: int) -> None:
     """Inside the runner's context (autocast, fresh_sequences) a micro-step queues kernels and reads nothing back:

@@ -45,6 +45,8 @@ def test_kernel_kinds_and_summary_from_named_events() -> None:
     assert step_profile.kind_of("triton_poi_fused_add_mul_0") == "triton"
     assert step_profile.kind_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "matmul"
     assert step_profile.kind_of("sm90_xmma_fprop_implicit_gemm_bf16") == "convolution"
+    assert step_profile.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert step_profile.kind_of("_conv_bwd") == "triton"  # the fused conv is ours, a Triton kernel
     assert step_profile.kind_of("void at::native::vectorized_elementwise_kernel<4>") == "element-wise"
     assert step_profile.kind_of("void foo::bar<int>(int)") == "other"
     text = step_profile.summarise(0.010, [("ampere_bf16_gemm", 3000.0, 2), ("vectorized_elementwise_kernel", 1000.0, 8)])
