@@ -138,9 +138,10 @@ def test_fused_distill_loss_compiled_on_cuda_matches_float64(cuda: torch.device,
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known, not yet located: on an H100 (2026-12-07) each stage's micro-step still made a synchronising call "
-    "after the mixers' own was removed; candidates are transformers' mask preparation (packed-sequence "
-    "detection from position_ids, padding_mask.all()). strict: this test says so once it is fixed"))
+    "known: on an H100 (2026-12-07) each stage's micro-step still synchronised after the mixers' own read was "
+    "removed. Likely cause, from transformers' code (not yet confirmed on a GPU): every forward without an "
+    "attention mask or cache runs masking_utils.find_packed_sequence_indices, whose `(...).all()` reads the "
+    "device once per model call (teacher and student). strict: this test says so once it is fixed"))
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_training_micro_step_never_waits_for_the_device(cuda: torch.device, stage: int) -> None:
     """Inside the runner's context (autocast, fresh_sequences) a micro-step queues kernels and reads nothing back:
