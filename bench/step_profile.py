@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# Kernel kinds, by the first pattern (lower-case substring) a kernel's name contains. A name that
-# matches none and is a bare identifier is a Triton kernel (ours, mamba-ssm's or inductor's
-# ``triton_*``): CUDA library kernels carry namespaces, templates or these prefixes.
+# Kernel kinds, by the first pattern (lower-case substring) a kernel's name contains. Triton kernels
+# are told by their names first (see kind_of): CUDA library kernels carry namespaces, templates or
+# the prefixes below.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before convolution: cuDNN's SDPA kernels say "cudnn"
     ("convolution", ("conv", "cudnn", "wgrad", "dgrad", "fprop", "implicit")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_", "sm100_", "cublas", "matmul", "addmm")),
-    ("triton", ("triton_",)),
+    ("triton", ("triton_",)),  # inductor's kernels under a decorated name
     ("reduction", ("reduce", "softmax", "norm", "sum_", "welford")),
     ("copy / cast", ("copy", "cat", "memcpy", "memset", "fill", "index", "gather", "scatter")),
     ("element-wise", ("elementwise", "vectorized", "unrolled", "pointwise")),
@@ -33,9 +33,9 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def kind_of(name: str) -> str:
     """The kind of a kernel, from its name (``other`` when no pattern matches)."""
-    low = name.lower()
-    if re.fullmatch(r"_[A-Za-z0-9_]*|triton_[A-Za-z0-9_]*", name):  # surgery's and mamba-ssm's Triton kernels are _private
+    if re.fullmatch(r"_[A-Za-z0-9_]*|triton_[A-Za-z0-9_]*", name):  # ours and mamba-ssm's are _private; inductor's triton_*
         return "triton"
+    low = name.lower()
     for kind, patterns in KINDS:
         if any(p in low for p in patterns):
             return kind
@@ -61,8 +61,9 @@ def summarise(wall_s: float, events: list[tuple[str, float, int]], top: int = 25
              f"({100 * busy_us / max(wall_s * 1e6, 1e-9):.0f}% of wall); {sum(c for *_, c in events)} kernel launches"]
     by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for name, us, calls in events:
-        by_kind[kind_of(name)][0] += us
-        by_kind[kind_of(name)][1] += calls
+        totals = by_kind[kind_of(name)]
+        totals[0] += us
+        totals[1] += calls
     lines += ["", "| kind | ms | share of busy | launches |", "| --- | --- | --- | --- |"]
     for kind, (us, calls) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {kind} | {us / 1e3:.2f} | {100 * us / max(busy_us, 1e-9):.1f}% | {calls} |")

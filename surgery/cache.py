@@ -45,8 +45,8 @@ from .hf_conventions import MODEL_CACHE_KEYWORDS, cache_keyword
 logger = logging.getLogger("surgery")
 
 __all__ = [
-    "MissingStateError", "SSMCacheLayer", "SurgeryCache", "check_continuation_has_state", "enable_recurrent_cache", "fresh_sequences",
-    "mixer_layer_indices", "surgery_cache",
+    "MissingStateError", "SSMCacheLayer", "SurgeryCache", "check_continuation_has_state", "enable_recurrent_cache",
+    "fresh_sequences", "mixer_layer_indices", "surgery_cache",
 ]
 
 

@@ -13,7 +13,8 @@ sums of ``dw[c, j] = sum_t dy_t[c] x_{t - (K-1) + j}[c]`` and ``dbias``, which t
 ``dx`` in ``x``'s dtype, ``dw`` and ``dbias`` in the parameters' dtypes.
 
 Only :mod:`surgery.ops` imports this module, for CUDA tensors (or under ``TRITON_INTERPRET=1``
-in development); the plain-torch reference is ``F.conv1d`` (:func:`surgery.ops.conv.causal_conv1d_reference`).
+in development); the plain-torch reference is ``F.conv1d`` (the other branch of
+:func:`surgery.mixers._common.causal_conv`).
 """
 
 from __future__ import annotations

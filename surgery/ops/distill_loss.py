@@ -11,6 +11,8 @@ arXiv 2410.10989) and handed to autograd, so memory is ``O(chunk x vocab)`` inst
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -48,19 +50,18 @@ def _chunk_terms(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, has: torch.T
     return kl, ce, g.to(out_dtype)
 
 
-_COMPILED: dict[str, object] = {}
+@functools.cache
+def _compiled_terms():
+    """:func:`_chunk_terms` compiled with inductor (built once per process)."""
+    return torch.compile(_chunk_terms, dynamic=False)
 
 
 def _terms_fn(device: torch.device):
-    """:func:`_chunk_terms`, compiled with inductor on CUDA (once per process) with
-    ``SURGERY_NEW_GPU_KERNELS=1`` (:func:`surgery.ops.new_gpu_kernels`), eager elsewhere."""
+    """:func:`_chunk_terms`, compiled on CUDA with ``SURGERY_NEW_GPU_KERNELS=1``
+    (:func:`surgery.ops.new_gpu_kernels`), eager elsewhere."""
     from . import new_gpu_kernels
 
-    if device.type != "cuda" or not new_gpu_kernels():
-        return _chunk_terms
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(_chunk_terms, dynamic=False)
-    return _COMPILED["cuda"]
+    return _compiled_terms() if device.type == "cuda" and new_gpu_kernels() else _chunk_terms
 
 
 def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
