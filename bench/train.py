@@ -15,9 +15,10 @@ length and precision. Paths:
   stage 3 on full ``(b, L, vocab)`` logits: what surgery ran before the fused kernels;
 * ``fast``  -- the defaults: fused SSD kernels on CUDA, stage 1 from the teacher's ``q``/``k``
   without ``L x L`` tensors, stage 3 fused with the LM heads;
-* ``compiled`` -- ``fast`` with the decoder blocks under ``torch.compile``
-  (:func:`verify.compiled.compiled_blocks`): the student's in stages 2-3, the teacher's in stage 3
-  (stage 1 has no row: its teacher records calls through hooks and the student runs no blocks).
+* ``compiled`` -- ``fast`` with the decoder blocks under ``torch.compile``, what a stage's
+  ``compile: true`` runs (:func:`verify.compiled.stage_compiled`): the student's in stages 2-3, the
+  teacher's in stage 3 (stage 1 has no row: its teacher records calls through hooks and the student
+  runs no blocks). ``plain`` and ``fast`` run eager whatever the recipe says.
 
 ``--profile DIR`` runs one more optimizer step per stage and path under ``torch.profiler`` and
 prints where its time went: wall time against the time the device was busy (a gap means the host
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile one more step per stage and path; tables and Chrome traces go to DIR")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options
     if args.cpu_smoke:
         args.recipe = str(ROOT / "recipes" / "tiny.yaml")
         args.overrides = [*args.overrides, "device=cpu", "data.seq_len=32",
@@ -107,14 +108,10 @@ def run_stage(stage: int, path: str, recipe: Any, teacher: torch.nn.Module, stud
         return StageRunner(stage, stage_config(cfg, steps), objective, RandomBatches(vocab, cfg.micro_batch, seq_len, seed),
                            seq_len=seq_len, device=device, precision=recipe.precision, log=log, save=lambda *a: None)
 
-    with backend, contextlib.ExitStack() as compiled:
-        if path == "compiled":
-            from verify.compiled import compiled_blocks
+    from verify.compiled import stage_compiled
 
-            blocks = [n.block for n in nodes]
-            compiled.enter_context(compiled_blocks(student, blocks))
-            if stage == 3:
-                compiled.enter_context(compiled_blocks(teacher, blocks))
+    compiled = stage_compiled(stage, teacher, student, [n.block for n in nodes]) if path == "compiled" else contextlib.nullcontext()
+    with backend, compiled:  # the recipe's own `compile` is ignored: the path says
         runner(args.warmup, 1).run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -39,6 +39,7 @@ def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
 
 def launch(argv: Sequence[str], nproc: int, recipe: Recipe, options: ApplyOptions) -> int:
     """Pre-flight checks, then torchrun; returns its exit code (1 when a rank failed; its message names the rank)."""
+    from verify.compiled import check_compile
     from verify.runner import check_split
 
     from .distributed import launched_by_torchrun
@@ -50,4 +51,5 @@ def launch(argv: Sequence[str], nproc: int, recipe: Recipe, options: ApplyOption
         raise SurgeryError("--nproc starts torchrun, but this process already runs under torchrun; drop --nproc")
     Run(recipe, options).check_paths()
     check_split(recipe, nproc)
+    check_compile(recipe, nproc)
     return subprocess.call(torchrun_command(argv, nproc))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from verify.checkpoint import load_optimizer, load_student, read_state, save_checkpoint
+from verify.compiled import check_compile, stage_compiled
 from verify.measure import Measurement, measure
 from verify.metrics import DiscardedMetrics, MetricsLog
 from verify.objective import Node, Objective, replaced_nodes
@@ -119,6 +120,7 @@ class Run:
             self.ranks = init_ranks(r.device)
         self.device = self.ranks.device
         check_split(r, self.ranks.world_size)  # every rank's share of a step is whole
+        check_compile(r, self.ranks.world_size)
         # ---
         seed_everything(r.seed)
         with self.ranks.main_first():  # distributed: rank 0 fills the teacher and data caches first
@@ -249,7 +251,9 @@ class Run:
                 stream.load_state_dict(state["stream"])
                 load_optimizer(self.ckpt, runner.optimizer)
                 start = state["step"]
-            summary = runner.run(start)
+            with stage_compiled(s, self.teacher.model, self.student, [n.block for n in self.nodes]) \
+                    if getattr(cfg, "compile", False) else nullcontext():
+                summary = runner.run(start)
             parallel.finish(self.student)
             self.stage_info[s].update(summary)
             self.trail.append((f"after_stage{s}", self._measure(f"after stage {s}")))

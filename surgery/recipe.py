@@ -209,6 +209,12 @@ class Stage2Config(StageConfig):
         default="block",
         description="Align the whole block output ('block') or only the mixer output before the residual ('mixer').",
     )
+    compile: bool = Field(
+        default=False,
+        description="Run the student's converted decoder blocks under torch.compile while this stage trains: "
+        "inductor fuses each block's many small kernels (faster on GPU at large micro-batches: docs/benchmarks.md); "
+        "the first step pays the compilation. One process only (not under torchrun).",
+    )
 
 
 class Stage3Config(StageConfig):
@@ -220,6 +226,12 @@ class Stage3Config(StageConfig):
     ce_weight: float = Field(default=0.0, ge=0, description="Weight of hard-label next-token cross-entropy.")
     train: Literal["all", "mixers", "non_embedding"] = Field(
         default="all", description="Which student parameters train: all, only replaced mixers, or all but embeddings/head."
+    )
+    compile: bool = Field(
+        default=False,
+        description="Run the student's converted decoder blocks (and the teacher's) under torch.compile while this stage trains: "
+        "inductor fuses each block's many small kernels (faster on GPU at large micro-batches: docs/benchmarks.md); "
+        "the first step pays the compilation. One process only (not under torchrun).",
     )
 
     @model_validator(mode="after")

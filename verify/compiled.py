@@ -12,11 +12,16 @@ new hooks would recompile every step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from surgery.errors import RecipeError
+
+if TYPE_CHECKING:
+    from surgery.recipe import Recipe
 
 
 @contextmanager
@@ -31,3 +36,24 @@ def compiled_blocks(model: nn.Module, paths: list[str], **options: Any) -> Itera
         for module in modules:
             module._compiled_call_impl = None  # back to eager (nn.Module.compile's own slot)
         torch._dynamo.reset()  # compiled graphs bake in kernel choices; the next use re-traces
+
+
+def check_compile(recipe: Recipe, ranks: int) -> None:
+    """``compile: true`` is for one process: under torchrun the blocks are wrapped for DDP / FSDP2 (untested)."""
+    for s in (2, 3):
+        cfg = recipe.stage(s)
+        if cfg.enabled and cfg.compile and ranks > 1:
+            raise RecipeError(f"stages.stage{s}.compile: true runs in one process only, not with {ranks} ranks; "
+                              f"set stages.stage{s}.compile=false for torchrun")
+
+
+@contextmanager
+def stage_compiled(stage: int, teacher: nn.Module, student: nn.Module, blocks: list[str]) -> Iterator[None]:
+    """Stage ``stage`` of a ``compile: true`` recipe: the student's converted ``blocks`` run compiled in
+    stages 2 and 3, the teacher's in stage 3 (in stage 2 the teacher records its block inputs through hooks)."""
+    with ExitStack() as stack:
+        if stage in (2, 3):
+            stack.enter_context(compiled_blocks(student, blocks))
+        if stage == 3:
+            stack.enter_context(compiled_blocks(teacher, blocks))
+        yield

@@ -1,0 +1,69 @@
+"""``compile: true`` in stages 2 and 3: the same student as eager, blocks eager again afterwards, refused where it cannot run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from surgery.errors import RecipeError
+from surgery.pipeline import Run
+from surgery.recipe import Recipe
+from verify.compiled import check_compile
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+ONE_STEP = ["device=cpu", "verify.tokens=128", "stages.stage1.enabled=false",
+            *(f"stages.stage{s}.tokens=512" for s in (2, 3))]
+
+
+def run_tiny(out: Path, *overrides: str) -> Run:
+    run = Run(Recipe.load(TINY, [f"output.dir={out}", *ONE_STEP, *overrides]))
+    run.setup()
+    run.train()
+    run.save()
+    return run
+
+
+def test_compiled_stages_train_the_same_student_as_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    eager = run_tiny(tmp_path / "eager")
+    compiled_modules: list[torch.nn.Module] = []
+    original = torch.nn.Module.compile
+
+    def recording_compile(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        compiled_modules.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
+    compiled = run_tiny(tmp_path / "compiled", "stages.stage2.compile=true", "stages.stage3.compile=true")
+    blocks = {compiled.student.get_submodule(n.block) for n in compiled.nodes}
+    teacher_blocks = {compiled.teacher.model.get_submodule(n.block) for n in compiled.nodes}
+    # stage 2: the student's converted blocks; stage 3: those again and the teacher's
+    assert len(compiled_modules) == 3 * len(blocks) and set(compiled_modules) == blocks | teacher_blocks
+    a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+    assert a.keys() == b.keys()  # compiling in place leaves the parameter names alone
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+    ra = json.loads((tmp_path / "eager" / "report.json").read_text())
+    rb = json.loads((tmp_path / "compiled" / "report.json").read_text())
+    assert rb["stage3"]["kl"]["after"] < rb["stage3"]["kl"]["before"]  # it trained, so equal students mean equal training
+    assert rb["stage3"]["kl"]["after"] == pytest.approx(ra["stage3"]["kl"]["after"], rel=1e-3)
+    assert rb["stage2"]["mean"]["after"] == pytest.approx(ra["stage2"]["mean"]["after"], rel=1e-3)
+    for run in (eager, compiled):  # every block runs eager again after its stage
+        assert all(m._compiled_call_impl is None for m in run.student.modules())
+        assert all(m._compiled_call_impl is None for m in run.teacher.model.modules())
+
+
+def test_stage1_has_no_compile_option() -> None:
+    with pytest.raises(RecipeError, match=r"stages\.stage1 has no field 'compile'"):
+        Recipe.load(TINY, ["stages.stage1.compile=true"])
+
+
+def test_compile_is_refused_for_several_ranks_naming_the_field() -> None:
+    recipe = Recipe.load(TINY, ["stages.stage3.compile=true"])
+    check_compile(recipe, 1)
+    with pytest.raises(RecipeError, match=r"stages\.stage3\.compile.*2 ranks.*stages\.stage3\.compile=false"):
+        check_compile(recipe, 2)
+    check_compile(Recipe.load(TINY, ["stages.stage3.compile=true", "stages.stage3.enabled=false"]), 2)
