@@ -42,7 +42,7 @@ from .options import ApplyOptions
 from .output_dir import check_output_dir, output_name_problem
 from .recipe import Recipe
 from .run_lock import clear_work_dir, hold_work_dir
-from .runtime import seed_everything
+from .runtime import autocast_dtype, seed_everything
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -269,6 +269,9 @@ class Run:
         if not self.ranks.is_main:  # distributed: rank 0 writes the student
             return self.out
         report = build_report(teacher=self.teacher.ref, trail=self.trail, stages=self.stage_info, name=self.recipe.name)
+        dtype = autocast_dtype(self.recipe.precision, self.device)
+        report["compute"] = {"device": str(self.device), "precision": self.recipe.precision,
+                             "autocast": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
         for warning in report["warnings"]:
             logger.warning("warning: %s", warning)
         if self.layer_choice is not None:

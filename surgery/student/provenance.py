@@ -1,4 +1,4 @@
-"""What ``provenance.json`` records: versions, seed, git revision, teacher, tokens, command, date, weight sha256s.
+"""What ``provenance.json`` records: versions, seed, git revision, teacher, compute, tokens, command, date, weight sha256s.
 
 Also the teacher's license, where it can be known offline (the model card states it).
 """
@@ -93,6 +93,7 @@ def build_provenance(*, recipe: Any, teacher: Any, report: dict | None, weight_f
         "data_seed": getattr(recipe, "data_seed", None),
         "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest() if recipe is not None else None,
         "teacher": teacher_info,
+        "compute": (report or {}).get("compute"),  # device, recipe precision, the autocast dtype it resolved to
         "tokens": {**tokens, "total": sum(v for v in tokens.values() if isinstance(v, (int, float)))} if tokens else {},
         "weights_sha256": weight_files,
     }
