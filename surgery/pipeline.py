@@ -120,7 +120,7 @@ class Run:
             self.ranks = init_ranks(r.device)
         self.device = self.ranks.device
         check_split(r, self.ranks.world_size)  # every rank's share of a step is whole
-        check_compile(r, self.ranks.world_size)
+        check_compile(r, self.ranks.world_size, self.device)  # before the teacher loads
         # ---
         seed_everything(r.seed)
         with self.ranks.main_first():  # distributed: rank 0 fills the teacher and data caches first

@@ -67,3 +67,13 @@ def test_compile_is_refused_for_several_ranks_naming_the_field() -> None:
     with pytest.raises(RecipeError, match=r"stages\.stage3\.compile.*2 ranks.*stages\.stage3\.compile=false"):
         check_compile(recipe, 2)
     check_compile(Recipe.load(TINY, ["stages.stage3.compile=true", "stages.stage3.enabled=false"]), 2)
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("verify.compiled.cpp_compiler", lambda: None)
+    recipe = Recipe.load(TINY, [f"output.dir={tmp_path / 'out'}", "device=cpu", "stages.stage2.compile=true"])
+    check_compile(recipe, 1, torch.device("cuda"))  # inductor's GPU kernels are Triton, no C++ compiler needed
+    with pytest.raises(RecipeError, match=r"stages\.stage2\.compile: .*C\+\+ compiler.*stages\.stage2\.compile=false"):
+        Run(recipe).setup()
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -11,6 +11,8 @@ new hooks would recompile every step.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -38,13 +40,32 @@ def compiled_blocks(model: nn.Module, paths: list[str], **options: Any) -> Itera
         torch._dynamo.reset()  # compiled graphs bake in kernel choices; the next use re-traces
 
 
-def check_compile(recipe: Recipe, ranks: int) -> None:
-    """``compile: true`` is for one process: under torchrun the blocks are wrapped for DDP / FSDP2 (untested)."""
+def check_compile(recipe: Recipe, ranks: int, device: torch.device | None = None) -> None:
+    """Before training: ``compile: true`` is for one process (under torchrun the blocks are wrapped for
+    DDP / FSDP2, untested), and on a CPU inductor needs a C++ compiler for the kernels it generates."""
     for s in (2, 3):
         cfg = recipe.stage(s)
-        if cfg.enabled and cfg.compile and ranks > 1:
+        if not (cfg.enabled and cfg.compile):
+            continue
+        if ranks > 1:
             raise RecipeError(f"stages.stage{s}.compile: true runs in one process only, not with {ranks} ranks; "
                               f"set stages.stage{s}.compile=false for torchrun")
+        if device is not None and device.type == "cpu" and cpp_compiler() is None:
+            raise RecipeError(f"stages.stage{s}.compile: torch.compile on the CPU builds C++ kernels and no C++ "
+                              f"compiler was found (g++, or $CXX); install one (e.g. apt install g++) or set "
+                              f"stages.stage{s}.compile=false")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on this machine, or None when there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch that moved it: look on PATH as inductor would
+        return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+    try:
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 -- inductor's InvalidCxxCompiler, or a failing `--version`
+        return None
 
 
 @contextmanager
