@@ -15,20 +15,20 @@ from surgery.recipe import Recipe
 from verify.compiled import check_compile
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-ONE_STEP = ["device=cpu", "verify.tokens=128", "stages.stage1.enabled=false",
-            *(f"stages.stage{s}.tokens=512" for s in (2, 3))]
+ONE_STEP = ["verify.tokens=128", "stages.stage1.enabled=false", *(f"stages.stage{s}.tokens=512" for s in (2, 3))]
 
 
-def run_tiny(out: Path, *overrides: str) -> Run:
-    run = Run(Recipe.load(TINY, [f"output.dir={out}", *ONE_STEP, *overrides]))
+def run_tiny(out: Path, *overrides: str, device: str = "cpu") -> Run:
+    run = Run(Recipe.load(TINY, [f"output.dir={out}", f"device={device}", *ONE_STEP, *overrides]))
     run.setup()
     run.train()
     run.save()
     return run
 
 
-def test_compiled_stages_train_the_same_student_as_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    eager = run_tiny(tmp_path / "eager")
+def assert_compiled_trains_the_same_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str,
+                                            *overrides: str) -> None:
+    eager = run_tiny(tmp_path / "eager", *overrides, device=device)
     compiled_modules: list[torch.nn.Module] = []
     original = torch.nn.Module.compile
 
@@ -37,7 +37,8 @@ def test_compiled_stages_train_the_same_student_as_eager(tmp_path: Path, monkeyp
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
-    compiled = run_tiny(tmp_path / "compiled", "stages.stage2.compile=true", "stages.stage3.compile=true")
+    compiled = run_tiny(tmp_path / "compiled", *overrides, "stages.stage2.compile=true", "stages.stage3.compile=true",
+                        device=device)
     blocks = {compiled.student.get_submodule(n.block) for n in compiled.nodes}
     teacher_blocks = {compiled.teacher.model.get_submodule(n.block) for n in compiled.nodes}
     # stage 2: the student's converted blocks; stage 3: those again and the teacher's
@@ -54,6 +55,17 @@ def test_compiled_stages_train_the_same_student_as_eager(tmp_path: Path, monkeyp
     for run in (eager, compiled):  # every block runs eager again after its stage
         assert all(m._compiled_call_impl is None for m in run.student.modules())
         assert all(m._compiled_call_impl is None for m in run.teacher.model.modules())
+
+
+def test_compiled_stages_train_the_same_student_as_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_compiled_trains_the_same_student(tmp_path, monkeypatch, "cpu")
+
+
+@pytest.mark.gpu
+def test_compiled_stages_train_the_same_student_as_eager_on_cuda(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cuda: torch.device) -> None:
+    """Inductor's Triton kernels around the fused SSD path, float32 so that eager and compiled can agree to 1e-3."""
+    assert_compiled_trains_the_same_student(tmp_path, monkeypatch, "cuda", "precision=fp32")
 
 
 def test_stage1_has_no_compile_option() -> None:
