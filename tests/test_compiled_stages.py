@@ -27,7 +27,9 @@ def run_tiny(out: Path, *overrides: str, device: str = "cpu") -> Run:
 
 
 def assert_compiled_trains_the_same_student(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str,
-                                            *overrides: str) -> None:
+                                            *overrides: str, weight_rtol: float | None = None) -> None:
+    """Eager and compiled runs of the tiny recipe: the same blocks compiled, the same losses to 1e-3, the same
+    weights (element-wise to 1e-3, or to ``weight_rtol`` in relative Frobenius norm per tensor)."""
     eager = run_tiny(tmp_path / "eager", *overrides, device=device)
     compiled_modules: list[torch.nn.Module] = []
     original = torch.nn.Module.compile
@@ -46,7 +48,11 @@ def assert_compiled_trains_the_same_student(tmp_path: Path, monkeypatch: pytest.
     a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
     assert a.keys() == b.keys()  # compiling in place leaves the parameter names alone
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+        if weight_rtol is None:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+        else:
+            error = (b[name].double() - a[name].double()).norm() / a[name].double().norm()
+            assert error <= weight_rtol, f"{name}: relative error {float(error):.2e}"
     ra = json.loads((tmp_path / "eager" / "report.json").read_text())
     rb = json.loads((tmp_path / "compiled" / "report.json").read_text())
     assert rb["stage3"]["kl"]["after"] < rb["stage3"]["kl"]["before"]  # it trained, so equal students mean equal training
@@ -64,8 +70,10 @@ def test_compiled_stages_train_the_same_student_as_eager(tmp_path: Path, monkeyp
 @pytest.mark.gpu
 def test_compiled_stages_train_the_same_student_as_eager_on_cuda(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cuda: torch.device) -> None:
-    """Inductor's Triton kernels around the fused SSD path, float32 so that eager and compiled can agree to 1e-3."""
-    assert_compiled_trains_the_same_student(tmp_path, monkeypatch, "cuda", "precision=fp32")
+    """Inductor's Triton kernels around the fused SSD path, float32. Eager is bit-for-bit repeatable there, compiled
+    is not bit-equal: on an H100 (2026-12-07) most weights differed by ~1e-4 relative, layer 0's ``z_proj`` (weights
+    of ~2e-3, where AdamW turns tiny gradient differences into lr-sized steps) by 7.7e-3; the losses to 1e-3."""
+    assert_compiled_trains_the_same_student(tmp_path, monkeypatch, "cuda", "precision=fp32", weight_rtol=2e-2)
 
 
 def test_stage1_has_no_compile_option() -> None:
