@@ -407,8 +407,9 @@ class Recipe(StrictModel):
     )
     precision: Literal["auto", "fp32", "bf16", "bf16-if-native"] = Field(
         default="auto",
-        description="'auto': bf16 autocast on CUDA, float32 on CPU; 'bf16-if-native': bf16 autocast also on CPUs "
-        "with bf16 matrix instructions (AVX512-BF16 or AMX; about 2x faster training there), float32 on others. "
+        description="'auto': bf16 autocast on CUDA, float32 on CPU; 'bf16-if-native': bf16 autocast where the hardware "
+        "multiplies bf16 (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, about 2x faster training there), "
+        "float32 on others. "
         "Weights stay float32 (autocast).",
     )
     _notes: list[str] = PrivateAttr(default_factory=list)  # what validation adjusted (budgets rounded up)

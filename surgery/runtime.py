@@ -21,13 +21,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX.
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU of compute capability 8.0 or later
+    (Ampere on; earlier ones emulate bf16), or a CPU with AVX512-BF16 or AMX.
 
     On such a CPU oneDNN's bf16 matmuls run about 4x its float32 ones (826 against 204 GFLOP/s on
     the 2-core AMD EPYC of docs/benchmarks.md); without them bf16 is emulated and slower than float32.
     """
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type != "cpu":
         return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

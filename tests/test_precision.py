@@ -20,8 +20,7 @@ TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 @pytest.mark.parametrize(("precision", "device", "expected"), [
     ("auto", CPU, None), ("auto", CUDA, torch.bfloat16), ("fp32", CUDA, None), ("bf16", CPU, torch.bfloat16),
-    ("bf16-if-native", CUDA, torch.bfloat16),
-])
+])  # bf16-if-native on CUDA depends on the GPU: test_native_bf16_on_cuda_needs_ampere_or_later
 def test_precision_resolves_to_an_autocast_dtype(precision: str, device: torch.device, expected: torch.dtype | None) -> None:
     assert autocast_dtype(precision, device) == expected
 
@@ -42,7 +41,16 @@ def test_native_bf16_reads_the_cpu_probes(monkeypatch: pytest.MonkeyPatch, avx51
         else:
             monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
     assert native_bf16(CPU) is expected
-    assert native_bf16(CUDA) and not native_bf16(torch.device("mps"))
+    assert not native_bf16(torch.device("mps"))
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_native_bf16_on_cuda_needs_ampere_or_later(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
+                                                   expected: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16(CUDA) is expected
+    assert autocast_dtype("bf16-if-native", CUDA) == (torch.bfloat16 if expected else None)
+    assert autocast_dtype("auto", CUDA) == torch.bfloat16  # `auto` stays bf16 on every GPU, as before
 
 
 def test_the_student_records_the_precision_it_trained_in(tmp_path: Path) -> None:
