@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from .io import is_disk_full, tidy_atomic_leftovers
 from .log import logger, quiet
 from .options import ApplyOptions
 from .output_dir import check_output_dir, output_name_problem
+from .phase_clock import PhaseClock
 from .recipe import Recipe
 from .run_lock import clear_work_dir, hold_work_dir
 from .runtime import autocast_dtype, seed_everything
@@ -86,6 +88,7 @@ class Run:
         self.overwrite = self.opts.overwrite or recipe.output.overwrite
         self.fingerprint = recipe_fingerprint(recipe)
         self.ranks: Ranks | None = None  # distributed: set by setup (or by apply, before the run lock)
+        self.clock = PhaseClock()  # wall seconds per phase, for the report
 
     # ------------------------------------------------------------------ setup (writes nothing)
 
@@ -124,13 +127,21 @@ class Run:
         # ---
         seed_everything(r.seed)
         with self.ranks.main_first():  # distributed: rank 0 fills the teacher and data caches first
-            self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device),
-                                        progress=not quiet())
+            with self.clock("teacher"):
+                self.teacher = load_teacher(r.teacher, device=self.device, dtype=_dtype(r, self.device),
+                                            progress=not quiet())
             rules = self._resolve_layers()
-            self.student, self.plan = rewrite(self.teacher.model, rules)
-            check_rebuildable(self.student, self.plan, self.out)  # what surgery.load needs, before any training
+            with self.clock("rewrite"):
+                self.student, self.plan = rewrite(self.teacher.model, rules)
+                check_rebuildable(self.student, self.plan, self.out)  # what surgery.load needs, before any training
             self.nodes = replaced_nodes(self.student)
-            self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet(), sampler=self._sampler())
+            sampler = self._sampler()
+            t0 = time.perf_counter()
+            self.corpus = Corpus.for_recipe(r, self.teacher.tokenizer, progress=not quiet(), sampler=sampler)
+            sampled = sampler.seconds if sampler is not None else 0.0  # generation, inside the data build
+            self.clock.add("data", time.perf_counter() - t0 - sampled)
+            if sampled:
+                self.clock.add("teacher_samples", sampled)
         self.ranks.broadcast_module(self.student)  # distributed: replicas start from rank 0's weights
         self.heldout = heldout_batches(self.corpus, seq_len=r.verify.seq_len or r.data.seq_len,
                                        batch_size=r.verify.micro_batch, tokens=r.verify.tokens)
@@ -147,8 +158,9 @@ class Run:
         self.layer_choice = None
         if not has_auto(self.recipe.replace):
             return self.recipe.replace
-        batches = ranking_batches(self.recipe, self.teacher.tokenizer)
-        rules, self.layer_choice = resolve_auto_layers(self.recipe.replace, self.teacher.model, batches)
+        with self.clock("layer_choice"):
+            batches = ranking_batches(self.recipe, self.teacher.tokenizer)
+            rules, self.layer_choice = resolve_auto_layers(self.recipe.replace, self.teacher.model, batches)
         logger.info(self.layer_choice.to_text())
         self.recipe = self.recipe.model_copy(update={"replace": rules})  # recipe.resolved.yaml lists the layers
         return rules
@@ -171,8 +183,9 @@ class Run:
     # ------------------------------------------------------------------ state
 
     def _measure(self, name: str) -> Measurement:
-        return measure(self.teacher.model, self.student, self.nodes, self.heldout, stage1_batches=self.stage1_batches,
-                       device=self.device, precision=self.recipe.precision, desc=f"measure {name}")
+        with self.clock("evaluations"):
+            return measure(self.teacher.model, self.student, self.nodes, self.heldout, stage1_batches=self.stage1_batches,
+                           device=self.device, precision=self.recipe.precision, desc=f"measure {name}")
 
     def _save(self, *, stage: int | None, step: int = 0, stream: dict | None = None,
               optimizer: torch.optim.Optimizer | None = None, parallel: Strategy | None = None) -> None:
@@ -251,14 +264,16 @@ class Run:
                 stream.load_state_dict(state["stream"])
                 load_optimizer(self.ckpt, runner.optimizer)
                 start = state["step"]
-            with stage_compiled(s, self.teacher.model, self.student, [n.block for n in self.nodes]) \
-                    if getattr(cfg, "compile", False) else nullcontext():
-                summary = runner.run(start)
-            parallel.finish(self.student)
+            with self.clock(f"stage{s}"):  # compilation and the stage's checkpoints included
+                with stage_compiled(s, self.teacher.model, self.student, [n.block for n in self.nodes]) \
+                        if getattr(cfg, "compile", False) else nullcontext():
+                    summary = runner.run(start)
+                parallel.finish(self.student)
             self.stage_info[s].update(summary)
             self.trail.append((f"after_stage{s}", self._measure(f"after stage {s}")))
             self.completed.append(s)
-            self._save(stage=None)
+            with self.clock("checkpoints"):
+                self._save(stage=None)
             state = {"stage": None}
         self.log.close()
 
@@ -274,6 +289,7 @@ class Run:
                              "autocast": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
         for warning in report["warnings"]:
             logger.warning("warning: %s", warning)
+        report["timings"] = self.clock.to_dict()  # up to here; the log line after the write adds the save
         if self.layer_choice is not None:
             report["layer_choice"] = {"text": self.layer_choice.to_text(), **self.layer_choice.to_dict()}
         with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
@@ -285,6 +301,8 @@ class Run:
                          report_md=report_markdown(report, [p.name for p in plots]))
         if not self.recipe.output.keep_checkpoints:
             shutil.rmtree(self.work, ignore_errors=True)
+        self.clock.add("save", self.clock.to_dict()["total"] - report["timings"]["total"])
+        logger.info("time: %s", self.clock.summary())
         return self.out
 
 

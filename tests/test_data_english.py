@@ -79,7 +79,9 @@ def test_teacher_samples_are_seeded_batched_and_split(sampler: CountingSampler, 
     b = Corpus.build(cfg, sampler.tokenizer, seed=3, max_tokens=400, heldout_tokens=64, sampler=sampler)
     assert sampler.calls == calls and torch.equal(a.train, b.train)  # reused from the cache, nothing re-sampled
     # the same batch twice gives the same text; another seed other text
+    tokens, seconds = sampler.tokens, sampler.seconds
     one = sampler.sample(4, SamplingConfig(length=16), seed=11)
+    assert sampler.tokens - tokens == 4 * 16 and sampler.seconds > seconds  # counted for the run's timings
     assert one == sampler.sample(4, SamplingConfig(length=16), seed=11) != sampler.sample(4, SamplingConfig(length=16), seed=12)
 
 
@@ -109,3 +111,5 @@ def test_apply_samples_from_the_teacher(tmp_path, monkeypatch) -> None:
     run.setup()
     sources = {s["source"]: s for s in run.corpus.summary()["sources"]}
     assert sources["builtin:teacher-samples"]["train_tokens"] > 0 and sources["builtin:python-docs"]["train_tokens"] > 0
+    times = run.clock.to_dict()  # generation is timed on its own, apart from the rest of the data build
+    assert times["teacher_samples"] > 0 and times["data"] > 0 and times["teacher"] > 0

@@ -51,6 +51,11 @@ def test_apply_runs_every_stage_and_reports(tmp_path: Path, family: str) -> None
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert stages == {1, 2, 3}
     assert not out.with_name(out.name + ".partial").exists()  # checkpoints removed after success
+    times = report["timings"]  # wall seconds per phase: every phase the run went through, adding up to the total
+    assert {"teacher", "rewrite", "data", "evaluations", "stage1", "stage2", "stage3", "checkpoints"} <= set(times)
+    assert all(v >= 0 for v in times.values()) and times["stage1"] > 0 and times["evaluations"] > 0
+    assert sum(v for k, v in times.items() if k != "total") == pytest.approx(times["total"], abs=0.01)
+    assert "## Wall time" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "gpt_neox", "opt"])

@@ -151,3 +151,11 @@ def test_runner_trains_inside_fresh_sequences(tmp_path: Path) -> None:
     runner.run()
     assert seen and all(v == 1 for v in seen)
     assert cache._FRESH_SEQUENCES == 0
+
+
+def test_fused_adamw_only_for_cuda_parameters_under_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = list(Toy().parameters())
+    monkeypatch.setenv("SURGERY_NEW_GPU_KERNELS", "1")
+    assert not build_optimizer(params, StageConfig()).defaults.get("fused")  # CPU tensors: the multi-tensor path
+    monkeypatch.setenv("SURGERY_NEW_GPU_KERNELS", "0")
+    assert not build_optimizer(params, StageConfig()).defaults.get("fused")

@@ -135,6 +135,9 @@ def report_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:  # ty
               f"| teacher | {_fmt(ppl['teacher'])} | 1 |",
               f"| student after weight transfer only | {_fmt(ppl['student_transfer_only'])} | {_fmt(top1['student_transfer_only'])} |",
               f"| student final | {_fmt(ppl['student_final'])} | {_fmt(top1['student_final'])} |", ""]
+    if report.get("timings"):
+        lines += ["## Wall time", "", "| phase | seconds |", "| --- | --- |"]
+        lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in report["timings"].items()] + [""]
     if report.get("layer_choice"):
         lines += ["## Attention layers kept", "", report["layer_choice"]["text"], ""]
     if report["stage1"]["per_node"] or report["stage2"]["per_block"]:

@@ -23,6 +23,7 @@ import torch
 from surgery.cache import fresh_sequences
 from surgery.errors import TrainingError
 from surgery.log import progress
+from surgery.ops import new_gpu_kernels
 from surgery.recipe import Recipe, StageConfig
 from surgery.runtime import autocast
 
@@ -83,13 +84,18 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: StageConfig) -> torch
     shards) go in separate groups: the multi-tensor AdamW that PyTorch picks on CUDA updates a group
     in one ``_foreach`` call, which refuses to mix DTensors with plain tensors. A run with only one
     kind (every single-process run) has the same two groups as before.
+
+    With ``SURGERY_NEW_GPU_KERNELS=1`` and every parameter a plain CUDA tensor, PyTorch's fused AdamW
+    (one kernel per group instead of the multi-tensor path's several per step); opt-in until measured.
     """
     groups = []
     for sharded in (False, True):
         kind = [p for p in params if is_sharded(p) == sharded]
         groups += [{"params": [p for p in kind if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                    {"params": [p for p in kind if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    fused = new_gpu_kernels() and all(p.is_cuda and not is_sharded(p) for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                             **({"fused": True} if fused else {}))
 
 
 class StageRunner:

@@ -12,6 +12,7 @@ like any other source; the source is streamed, so its tokens go to the on-disk t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,8 @@ class TeacherSampler:
         self.model, self.tokenizer, self.identity = model, tokenizer, identity
         self._static_failed = False
         self._bf16: torch.nn.Module | None = None
+        self.seconds = 0.0  # wall time spent generating and decoding, for the run's timings
+        self.tokens = 0  # new tokens generated (EOS padding after a sample ends included)
 
     def _generator(self) -> torch.nn.Module:
         """The model that samples: on CUDA a bfloat16 copy (a static cache takes the model's dtype; autocast
@@ -67,6 +70,7 @@ class TeacherSampler:
     @torch.inference_mode()
     def sample(self, n: int, cfg: SamplingConfig, seed: int) -> list[str]:
         """``n`` documents of up to ``cfg.length`` new tokens (a sample may stop at EOS), seeded."""
+        t0 = time.perf_counter()
         ids, mask = self._prompts(n, cfg, seed)
         device = self.device
         kwargs: dict[str, Any] = {
@@ -87,7 +91,13 @@ class TeacherSampler:
                 torch.manual_seed(seed)
                 out = self._generate(ids.to(device), mask.to(device), kwargs, False)
         new = out[:, ids.shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.tokens += new.numel()
+        log.info("teacher samples: %d documents, %d tokens in %.1f s (%.0f tokens/s)", n, new.numel(), seconds,
+                 new.numel() / max(seconds, 1e-9))
+        return texts
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any], static: bool) -> torch.Tensor:
         extra = {"cache_implementation": "static"} if static else {}

@@ -113,7 +113,8 @@ def new_gpu_kernels() -> bool:
     tests/test_gpu_losses.py, 2026-12-07). Stage 3 with them (and without the mixers' host read)
     ran at 52.2k tokens/s against 54.7k with none of the three (3 steps each, one H100 call; the
     step is bound by the host launching ~39k kernels, docs/benchmarks.md), so they stay opt-in
-    until a measurement says they help. Read at each call.
+    until a measurement says they help. PyTorch's fused AdamW on CUDA (:func:`verify.runner.build_optimizer`)
+    is under the same switch. Read at each call.
     """
     return os.environ.get("SURGERY_NEW_GPU_KERNELS", "0") == "1"
 
