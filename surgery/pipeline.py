@@ -240,7 +240,8 @@ class Run:
             logger.info(f"resuming from {self.ckpt} (stage {state['stage'] or 'boundary'}, step {state['step']})")
         if not self.trail:
             self.trail.append(("transfer", self._measure("transfer")))
-            self._save(stage=None)
+            with self.clock("checkpoints"):
+                self._save(stage=None)
         for s in (1, 2, 3):
             cfg = r.stage(s)
             if not cfg.enabled or s in self.completed:
