@@ -18,7 +18,9 @@ length and precision. Paths:
 * ``compiled`` -- ``fast`` with the decoder blocks under ``torch.compile``, what a stage's
   ``compile: true`` runs (:func:`verify.compiled.stage_compiled`): the student's in stages 2-3, the
   teacher's in stage 3 (stage 1 has no row: its teacher records calls through hooks and the student
-  runs no blocks). ``plain`` and ``fast`` run eager whatever the recipe says.
+  runs no blocks). ``plain`` and ``fast`` run eager whatever the recipe says;
+* ``graphs`` -- ``compiled`` with ``mode="reduce-overhead"``: the compiled blocks replayed as CUDA
+  graphs (cutting the host's kernel launches; not a recipe option yet).
 
 ``--profile DIR`` runs one more optimizer step per stage and path under ``torch.profiler`` and
 prints where its time went: wall time against the time the device was busy (a gap means the host
@@ -110,7 +112,10 @@ def run_stage(stage: int, path: str, recipe: Any, teacher: torch.nn.Module, stud
 
     from verify.compiled import stage_compiled
 
-    compiled = stage_compiled(stage, teacher, student, [n.block for n in nodes]) if path == "compiled" else contextlib.nullcontext()
+    blocks = [n.block for n in nodes]
+    compiled = (stage_compiled(stage, teacher, student, blocks) if path == "compiled"
+                else stage_compiled(stage, teacher, student, blocks, mode="reduce-overhead") if path == "graphs"
+                else contextlib.nullcontext())
     with backend, compiled:  # the recipe's own `compile` is ignored: the path says
         runner(args.warmup, 1).run()
         if device.type == "cuda":
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not recipe.stage(stage).enabled:
                 continue
             for path in args.paths.split(","):
-                if path == "compiled" and stage == 1:
+                if path in ("compiled", "graphs") and stage == 1:
                     continue
                 rows.append(run_stage(stage, path, recipe, teacher, student, nodes, device, args, log))
         log.close()

@@ -69,12 +69,14 @@ def cpp_compiler() -> str | None:
 
 
 @contextmanager
-def stage_compiled(stage: int, teacher: nn.Module, student: nn.Module, blocks: list[str]) -> Iterator[None]:
+def stage_compiled(stage: int, teacher: nn.Module, student: nn.Module, blocks: list[str],
+                   **options: Any) -> Iterator[None]:
     """Stage ``stage`` of a ``compile: true`` recipe: the student's converted ``blocks`` run compiled in
-    stages 2 and 3, the teacher's in stage 3 (in stage 2 the teacher records its block inputs through hooks)."""
+    stages 2 and 3, the teacher's in stage 3 (in stage 2 the teacher records its block inputs through hooks).
+    ``options`` go to ``torch.compile`` (``bench/train.py``'s ``graphs`` path: ``mode="reduce-overhead"``)."""
     with ExitStack() as stack:
         if stage in (2, 3):
-            stack.enter_context(compiled_blocks(student, blocks))
+            stack.enter_context(compiled_blocks(student, blocks, **options))
         if stage == 3:
-            stack.enter_context(compiled_blocks(teacher, blocks))
+            stack.enter_context(compiled_blocks(teacher, blocks, **options))
         yield
