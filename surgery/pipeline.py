@@ -293,16 +293,16 @@ class Run:
         report["timings"] = self.clock.to_dict()  # up to here; the log line after the write adds the save
         if self.layer_choice is not None:
             report["layer_choice"] = {"text": self.layer_choice.to_text(), **self.layer_choice.to_dict()}
-        with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
-            plots = [p for p in (plot_per_layer(before_after_series(report), tmp / "per_layer.png"),
-                                 plot_losses(self.log.read(), tmp / "losses.png")) if p is not None]
-            shutil.copy(self.work / "metrics.jsonl", tmp / "metrics.jsonl")
-            save_student(tmp, self.student, tokenizer=self.teacher.tokenizer, plan=self.plan, recipe=self.recipe,
-                         teacher=self.teacher, report=report,
-                         report_md=report_markdown(report, [p.name for p in plots]))
-        if not self.recipe.output.keep_checkpoints:
-            shutil.rmtree(self.work, ignore_errors=True)
-        self.clock.add("save", self.clock.to_dict()["total"] - report["timings"]["total"])
+        with self.clock("save"):
+            with atomic_dir(self.out, overwrite=self.overwrite) as tmp:
+                plots = [p for p in (plot_per_layer(before_after_series(report), tmp / "per_layer.png"),
+                                     plot_losses(self.log.read(), tmp / "losses.png")) if p is not None]
+                shutil.copy(self.work / "metrics.jsonl", tmp / "metrics.jsonl")
+                save_student(tmp, self.student, tokenizer=self.teacher.tokenizer, plan=self.plan, recipe=self.recipe,
+                             teacher=self.teacher, report=report,
+                             report_md=report_markdown(report, [p.name for p in plots]))
+            if not self.recipe.output.keep_checkpoints:
+                shutil.rmtree(self.work, ignore_errors=True)
         logger.info("time: %s", self.clock.summary())
         return self.out
 
